@@ -1,0 +1,31 @@
+# Two entry points, each setting up its own virtual environment:
+#   make example   run participant then group level on bids_examples/ds-ect
+#   make test      lint and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXAMPLE ?= bids_examples/ds-ect
+OUT ?= out/ds-ect
+WORK ?= work/ds-ect
+
+.PHONY: example test venv clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is required")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+example: venv
+	$(BIN)/trajectome $(EXAMPLE) $(OUT) participant -w $(WORK)
+	$(BIN)/trajectome $(EXAMPLE) $(OUT) group
+
+test: venv
+	$(BIN)/ruff check pipeline workflows tests bench
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) out work

@@ -1,0 +1,315 @@
+"""Command-line options and their resolved configuration.
+
+The configuration is read here, once, and handed to the workflow factories as
+keyword arguments: nothing deeper in the code reads a global.  A TOML file given
+with ``--config-file`` supplies defaults; options on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tomllib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ANALYSIS_LEVELS = ("participant", "group")
+#: Nipype plugins we know by name; any other plugin Nipype can import is accepted too.
+KNOWN_PLUGINS = (
+    "MultiProc",
+    "Linear",
+    "LegacyMultiProc",
+    "SLURM",
+    "SLURMGraph",
+    "SGE",
+    "SGEGraph",
+    "PBS",
+    "PBSGraph",
+    "LSF",
+    "OAR",
+    "Condor",
+    "DAGMan",
+    "IPython",
+)
+
+
+class ConfigError(ValueError):
+    """An option or configuration file the user must fix."""
+
+
+@dataclass
+class Config:
+    """Every option of a run, resolved (command line over config file over defaults)."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    participant_label: list[str] | None = None
+    session_label: list[str] | None = None
+    session_roles: dict[str, str] = field(default_factory=dict)
+    bids_filter_file: Path | None = None
+    work_dir: Path | None = None
+    nprocs: int = 0
+    omp_nthreads: int = 0
+    mem_gb: float | None = None
+    plugin: str = "MultiProc"
+    plugin_args: dict[str, Any] = field(default_factory=dict)
+    skip_bids_validation: bool = False
+    sloppy: bool = False
+    boilerplate_only: bool = False
+    seed: int = 42
+    config_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        cpus = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
+        self.nprocs = self.nprocs or cpus
+        self.omp_nthreads = self.omp_nthreads or min(self.nprocs, 8)
+        if self.omp_nthreads > self.nprocs:
+            raise ConfigError(
+                f"--omp-nthreads ({self.omp_nthreads}) cannot exceed --nprocs ({self.nprocs})."
+            )
+        if self.work_dir is None:
+            self.work_dir = Path.cwd() / "work"
+        self.bids_dir = Path(self.bids_dir).absolute()
+        self.output_dir = Path(self.output_dir).absolute()
+        self.work_dir = Path(self.work_dir).absolute()
+        if self.output_dir == self.bids_dir:
+            raise ConfigError("OUTPUT_DIR must differ from BIDS_DIR; write derivatives elsewhere.")
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """Plain types only, so the file round-trips through ``--config-file``."""
+        out: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if value is None:
+                continue
+            out[key] = str(value) if isinstance(value, Path) else value
+        return out
+
+    def bids_filters(self) -> dict[str, Any] | None:
+        """The ``--bids-filter-file`` content, checked."""
+        if self.bids_filter_file is None:
+            return None
+        path = Path(self.bids_filter_file)
+        try:
+            filters = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise ConfigError(f"{path}: --bids-filter-file does not exist.") from err
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: --bids-filter-file is not valid JSON ({err}).") from err
+        allowed = {"t1w", "bold", "dwi"}
+        if not isinstance(filters, dict) or set(filters) - allowed:
+            raise ConfigError(
+                f"{path}: --bids-filter-file must be a JSON object with keys among "
+                f"{sorted(allowed)}, "
+                'e.g. {"bold": {"task": "rest", "acquisition": "mb"}}.'
+            )
+        return filters
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_key_values(items: Sequence[str] | None, option: str) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``; a single JSON object is accepted too."""
+    if not items:
+        return {}
+    if len(items) == 1 and items[0].lstrip().startswith("{"):
+        value = _parse_value(items[0])
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{option}: not a JSON object: {items[0]!r}")
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{option}: expected KEY=VALUE, got {item!r}.")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def package_version() -> str:
+    """Installed version of Trajectome."""
+    try:
+        return metadata.version("trajectome")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def dependency_versions() -> dict[str, str]:
+    """Versions of the packages that shape the results, for provenance."""
+    names = (
+        "trajectome",
+        "nipype",
+        "nilearn",
+        "nibabel",
+        "dipy",
+        "numpy",
+        "scipy",
+        "pandas",
+        "pybids",
+        "antspyx",
+        "statsmodels",
+        "bids-validator-deno",
+    )
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``trajectome`` argument parser (BIDS-App conventions)."""
+    parser = argparse.ArgumentParser(
+        prog="trajectome",
+        description="Longitudinal functional and structural connectomes from a BIDS dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path, help="root of the BIDS dataset")
+    parser.add_argument("output_dir", type=Path, help="where derivatives are written")
+    parser.add_argument("analysis_level", choices=ANALYSIS_LEVELS)
+    parser.add_argument("--version", action="version", version=f"trajectome {package_version()}")
+
+    sel = parser.add_argument_group("selecting data")
+    sel.add_argument(
+        "--participant-label",
+        "--participant_label",
+        nargs="+",
+        metavar="LABEL",
+        help="subjects to process (with or without 'sub-'); default all",
+    )
+    sel.add_argument(
+        "--session-label",
+        "--session-id",
+        nargs="+",
+        metavar="LABEL",
+        dest="session_label",
+        help="sessions to process (with or without 'ses-'); default all",
+    )
+    sel.add_argument(
+        "--session-roles",
+        nargs="+",
+        metavar="LABEL=ROLE",
+        help="assign roles (pre, post, maintenance) to session labels explicitly",
+    )
+    sel.add_argument(
+        "--bids-filter-file",
+        type=Path,
+        metavar="FILE",
+        help='JSON with pybids filters per modality, e.g. {"bold": {"acquisition": "mb"}}',
+    )
+    sel.add_argument(
+        "--skip-bids-validation",
+        action="store_true",
+        default=None,
+        help="do not run bids-validator-deno on the input",
+    )
+
+    run = parser.add_argument_group("execution")
+    run.add_argument(
+        "-w", "--work-dir", type=Path, help="Nipype working directory (reruns resume from it)"
+    )
+    run.add_argument(
+        "--nprocs", "--n-cpus", type=int, help="CPUs for all processes (default: all available)"
+    )
+    run.add_argument(
+        "--omp-nthreads", type=int, help="threads per process (default: min(nprocs, 8))"
+    )
+    run.add_argument("--mem-gb", type=float, help="memory available to the scheduler, GB")
+    run.add_argument(
+        "--plugin", help="Nipype execution plugin (MultiProc, Linear, SLURMGraph, ...)"
+    )
+    run.add_argument(
+        "--plugin-args",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="arguments passed to the Nipype plugin (KEY=VALUE pairs or one JSON object)",
+    )
+    run.add_argument("--config-file", type=Path, help="TOML file of options; the command line wins")
+    run.add_argument(
+        "--sloppy", action="store_true", default=None, help="cheap settings, for testing only"
+    )
+    run.add_argument(
+        "--boilerplate-only",
+        action="store_true",
+        default=None,
+        help="write the methods text and citations, then stop",
+    )
+    run.add_argument("--seed", type=int, help="random seed for everything stochastic")
+    return parser
+
+
+_OPTION_FIELDS = {f.name for f in fields(Config)} - {
+    "bids_dir",
+    "output_dir",
+    "analysis_level",
+    "config_file",
+}
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: --config-file does not exist.") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err}).") from err
+    data = {key.replace("-", "_"): value for key, value in data.items()}
+    unknown = set(data) - _OPTION_FIELDS
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown option(s) {sorted(unknown)}; valid: {sorted(_OPTION_FIELDS)}."
+        )
+    return data
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """Parse the command line (and the optional TOML file) into a :class:`Config`.
+
+    Raises
+    ------
+    ConfigError
+        With a message the user can act on.
+    """
+    from pipeline.bids import parse_session_roles
+
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = _load_toml(args.config_file) if args.config_file else {}
+    for key in _OPTION_FIELDS:
+        cli_value = getattr(args, key, None)
+        if cli_value is not None:
+            values[key] = cli_value
+    if isinstance(values.get("plugin_args"), list):
+        values["plugin_args"] = parse_key_values(values["plugin_args"], "--plugin-args")
+    roles = values.get("session_roles")
+    if isinstance(roles, list):
+        values["session_roles"] = parse_session_roles(roles)
+    elif isinstance(roles, dict):
+        values["session_roles"] = parse_session_roles([f"{k}={v}" for k, v in roles.items()])
+    for key in ("work_dir", "bids_filter_file"):
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
+    for key in ("participant_label", "session_label"):
+        if isinstance(values.get(key), str):
+            values[key] = [values[key]]
+    return Config(
+        bids_dir=args.bids_dir,
+        output_dir=args.output_dir,
+        analysis_level=args.analysis_level,
+        config_file=args.config_file,
+        **values,
+    )

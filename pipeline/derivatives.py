@@ -1,0 +1,204 @@
+"""Writing BIDS-Derivatives: file names from entities, atomic writes, dataset_description.json.
+
+Every output goes through :func:`atomic_write` (temporary name in the same folder,
+then ``os.replace``), so a crash, a kill or a full disk never leaves a half-written
+file under its final name, and concurrent runs never see one either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+
+#: Entity keys in BIDS schema order, with the BEP017/BEP016 ones where those proposals put them.
+ENTITY_ORDER = (
+    ("subject", "sub"),
+    ("session", "ses"),
+    ("task", "task"),
+    ("acquisition", "acq"),
+    ("direction", "dir"),
+    ("run", "run"),
+    ("hemisphere", "hemi"),
+    ("from", "from"),
+    ("to", "to"),
+    ("mode", "mode"),
+    ("space", "space"),
+    ("atlas", "atlas"),
+    ("segmentation", "seg"),
+    ("resolution", "res"),
+    ("density", "den"),
+    ("label", "label"),
+    ("model", "model"),
+    ("param", "param"),
+    ("description", "desc"),
+    ("statistic", "stat"),
+)
+_KEYS = {key: short for key, short in ENTITY_ORDER}
+_ALIASES = {short: key for key, short in ENTITY_ORDER} | {"ses": "session", "sub": "subject"}
+
+
+def _clean_label(key: str, value: object) -> str:
+    text = str(value)
+    prefix = f"{_KEYS[key]}-"
+    text = text.removeprefix(prefix)
+    if not text or not text.replace("+", "").isalnum():
+        raise ValueError(f"BIDS entity {key}={value!r} must be alphanumeric")
+    return text
+
+
+def build_name(entities: Mapping[str, object], suffix: str, extension: str) -> str:
+    """Build a BIDS file name with entities in schema order.
+
+    Parameters
+    ----------
+    entities : mapping
+        Entity values by long name (``subject``) or key (``sub``); ``None`` values are skipped.
+    suffix : str
+        BIDS suffix, e.g. ``relmat``.
+    extension : str
+        With the leading dot, e.g. ``.tsv`` or ``.nii.gz``.
+
+    Examples
+    --------
+    >>> build_name({"sub": "01", "ses": "pre", "atlas": "A", "stat": "mean"}, "timeseries", ".tsv")
+    'sub-01_ses-pre_atlas-A_stat-mean_timeseries.tsv'
+    """
+    known = {_ALIASES.get(k, k): v for k, v in entities.items() if v is not None}
+    unknown = set(known) - set(_KEYS)
+    if unknown:
+        raise ValueError(f"unknown BIDS entities {sorted(unknown)}")
+    parts = [
+        f"{_KEYS[key]}-{_clean_label(key, known[key])}" for key, _ in ENTITY_ORDER if key in known
+    ]
+    return "_".join([*parts, suffix]) + extension
+
+
+def build_path(
+    entities: Mapping[str, object], suffix: str, extension: str, datatype: str | None
+) -> Path:
+    """Relative path of a derivative: ``sub-X/[ses-Y/][datatype/]name``.
+
+    Subject-level results (that span sessions) have no ``session`` and no datatype folder
+    unless one is given.
+    """
+    name = build_name(entities, suffix, extension)
+    known = {_ALIASES.get(k, k): v for k, v in entities.items() if v is not None}
+    folder = Path()
+    if "subject" in known:
+        folder /= f"sub-{_clean_label('subject', known['subject'])}"
+    if "session" in known:
+        folder /= f"ses-{_clean_label('session', known['session'])}"
+    if datatype:
+        folder /= datatype
+    return folder / name
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path`` and move it into place only on success.
+
+    On any exception (including ``OSError: No space left on device``) the temporary
+    file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
+    """Run ``writer(tmp_path)`` on a temporary path, then rename it to ``path``.
+
+    For libraries that insist on opening the file themselves (``nibabel.save``).
+    The temporary name keeps the extension so the writer picks the right format.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffixes = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffixes}", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
+    """Write JSON deterministically (sorted keys, fixed indentation, trailing newline)."""
+    with atomic_write(path) as handle:
+        handle.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(path)
+
+
+def write_tsv(path: str | Path, table: pd.DataFrame, *, float_format: str = "%.10g") -> Path:
+    """Write a BIDS TSV (tab-separated, ``n/a`` for missing values, no index)."""
+    with atomic_write(path) as handle:
+        table.to_csv(
+            handle,
+            sep="\t",
+            index=False,
+            na_rep="n/a",
+            float_format=float_format,
+            lineterminator="\n",
+        )
+    return Path(path)
+
+
+def dataset_description(
+    *,
+    name: str,
+    version: str,
+    source_datasets: list[str] | None = None,
+    container: dict | None = None,
+) -> dict[str, Any]:
+    """The ``dataset_description.json`` content of a Trajectome derivatives folder."""
+    generated_by: dict[str, Any] = {"Name": "Trajectome", "Version": version}
+    if container:
+        generated_by["Container"] = container
+    description: dict[str, Any] = {
+        "Name": name,
+        "BIDSVersion": "1.10.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [generated_by],
+    }
+    if source_datasets:
+        description["SourceDatasets"] = [{"URL": url} for url in source_datasets]
+    return description
+
+
+def ensure_dataset_description(output_dir: str | Path, description: Mapping[str, Any]) -> Path:
+    """Write ``dataset_description.json`` unless an identical one is there.
+
+    Runs for different subjects may start at the same moment on the same output
+    folder; the atomic rename means each sees either no file or a complete one.
+    """
+    path = Path(output_dir) / "dataset_description.json"
+    if path.exists():
+        try:
+            if json.loads(path.read_text()) == json.loads(json.dumps(description, default=str)):
+                return path
+        except json.JSONDecodeError:
+            pass
+    return write_json(path, description)

@@ -1,0 +1,191 @@
+"""Checks on the input files of a session, before any processing.
+
+Each check loads the file completely (a truncated ``.nii.gz`` only fails when its
+data are read) and raises :class:`InputFileError` naming the file and what to do.
+Problems the pipeline can work around are returned as warnings instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nb
+import numpy as np
+
+#: Fewest BOLD volumes for which a correlation matrix means anything.
+MIN_BOLD_VOLUMES = 20
+#: Tolerance on b-vector norms (dcm2niix writes 4-6 decimals).
+BVEC_NORM_TOLERANCE = 0.05
+#: b-values at or under this count as b=0 (scanners report small non-zero b0s).
+B0_THRESHOLD = 50.0
+
+
+class InputFileError(ValueError):
+    """An input file that cannot be used; the message names it and the fix."""
+
+
+@dataclass
+class InputSummary:
+    """What a check found out about one input file."""
+
+    path: str
+    modality: str
+    shape: tuple[int, ...]
+    zooms: tuple[float, ...]
+    n_volumes: int = 1
+    repetition_time: float | None = None
+    n_b0: int | None = None
+    shells: tuple[float, ...] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def load_image_data(path: str | Path) -> tuple[nb.Nifti1Image, np.ndarray]:
+    """Load a NIfTI image with its data, turning every read failure into :class:`InputFileError`."""
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"{path}: file not found.")
+    if path.stat().st_size == 0:
+        raise InputFileError(
+            f"{path}: the file is empty (0 bytes); re-export it from the scanner data."
+        )
+    try:
+        img = nb.load(path)
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise InputFileError(
+            f"{path}: cannot be read as NIfTI ({type(err).__name__}: {err}); "
+            "the file is corrupt or "
+            "truncated - re-copy or re-convert it."
+        ) from err
+    return img, data
+
+
+def _finite_warnings(path: Path, data: np.ndarray) -> list[str]:
+    if not np.issubdtype(data.dtype, np.floating):
+        return []
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad == 0:
+        return []
+    if bad == data.size:
+        raise InputFileError(f"{path}: every voxel is NaN or Inf; the image holds no data.")
+    return [f"{path.name}: {bad} NaN/Inf voxel values will be treated as 0."]
+
+
+def check_t1w(path: str | Path) -> InputSummary:
+    """Check a T1w image: readable, 3-D, finite."""
+    path = Path(path)
+    img, data = load_image_data(path)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputFileError(f"{path}: a T1w must be a 3-D image, this one has shape {data.shape}.")
+    warnings = _finite_warnings(path, data)
+    return InputSummary(
+        str(path),
+        "anat",
+        data.shape,
+        tuple(map(float, img.header.get_zooms()[:3])),
+        warnings=warnings,
+    )
+
+
+def _check_4d(path: Path, data: np.ndarray, what: str) -> None:
+    if data.ndim != 4:
+        raise InputFileError(
+            f"{path}: a {what} series must be 4-D (x, y, z, time), this one has shape {data.shape}."
+        )
+
+
+def check_bold(path: str | Path, metadata: dict[str, Any]) -> InputSummary:
+    """Check a BOLD run: readable, 4-D, long enough, with a usable RepetitionTime."""
+    path = Path(path)
+    img, data = load_image_data(path)
+    _check_4d(path, data, "BOLD")
+    n_volumes = data.shape[3]
+    if n_volumes < MIN_BOLD_VOLUMES:
+        raise InputFileError(
+            f"{path}: only {n_volumes} volumes; at least {MIN_BOLD_VOLUMES} are needed for a "
+            "functional connectome. Exclude this run with --bids-filter-file."
+        )
+    tr = metadata.get("RepetitionTime")
+    if tr is None:
+        raise InputFileError(
+            f"{path}: RepetitionTime is missing from the JSON sidecar; add it (in seconds)."
+        )
+    warnings = _finite_warnings(path, data)
+    pixdim_tr = float(img.header.get_zooms()[3]) if len(img.header.get_zooms()) > 3 else 0.0
+    if img.header.get_xyzt_units()[1] == "msec":
+        pixdim_tr /= 1000.0
+    if pixdim_tr > 0 and abs(pixdim_tr - float(tr)) > 1e-3:
+        warnings.append(
+            f"{path.name}: NIfTI header TR {pixdim_tr:g} s differs from sidecar RepetitionTime "
+            f"{float(tr):g} s; the sidecar value is used."
+        )
+    zooms = tuple(map(float, img.header.get_zooms()[:3]))
+    return InputSummary(
+        str(path), "func", data.shape, zooms, n_volumes, float(tr), warnings=warnings
+    )
+
+
+def read_gradients(bval: str | Path, bvec: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read FSL-style ``.bval``/``.bvec`` files; bvecs returned as (N, 3)."""
+    try:
+        bvals = np.loadtxt(bval, ndmin=1, dtype=float)
+        bvecs = np.loadtxt(bvec, ndmin=2, dtype=float)
+    except (OSError, ValueError) as err:
+        raise InputFileError(f"{bval} / {bvec}: cannot read the gradient table ({err}).") from err
+    if bvecs.shape[0] != 3 and bvecs.shape[1] == 3:
+        bvecs = bvecs.T
+    if bvecs.shape[0] != 3:
+        raise InputFileError(
+            f"{bvec}: b-vectors must have 3 rows (x, y, z), found shape {bvecs.shape}."
+        )
+    return bvals.ravel(), bvecs.T
+
+
+def check_dwi(path: str | Path, bval: str | Path, bvec: str | Path) -> InputSummary:
+    """Check a DWI run: readable, 4-D, gradients matching the volumes, unit b-vectors, a b0."""
+    path = Path(path)
+    img, data = load_image_data(path)
+    _check_4d(path, data, "DWI")
+    bvals, bvecs = read_gradients(bval, bvec)
+    n_volumes = data.shape[3]
+    if not len(bvals) == len(bvecs) == n_volumes:
+        raise InputFileError(
+            f"{path}: {n_volumes} volumes but {len(bvals)} b-values ({Path(bval).name}) and "
+            f"{len(bvecs)} b-vectors ({Path(bvec).name}); the gradient files must have one "
+            "entry per volume."
+        )
+    b0 = bvals <= B0_THRESHOLD
+    if not b0.any():
+        raise InputFileError(
+            f"{path}: no b=0 volume (all b-values > {B0_THRESHOLD:g}); a b0 is needed for "
+            "registration and the diffusion models."
+        )
+    norms = np.linalg.norm(bvecs[~b0], axis=1)
+    if np.any(norms < 1e-6):
+        raise InputFileError(
+            f"{bvec}: {int(np.sum(norms < 1e-6))} diffusion-weighted volume(s) have an all-zero "
+            "b-vector; fix the gradient table or remove those volumes."
+        )
+    warnings = _finite_warnings(path, data)
+    if np.any(np.abs(norms - 1) > BVEC_NORM_TOLERANCE):
+        warnings.append(f"{Path(bvec).name}: b-vectors are not unit norm; they are normalised.")
+    shells = tuple(sorted({float(round(b, -2)) for b in bvals[~b0]}))
+    zooms = tuple(map(float, img.header.get_zooms()[:3]))
+    return InputSummary(
+        str(path),
+        "dwi",
+        data.shape,
+        zooms,
+        n_volumes,
+        n_b0=int(b0.sum()),
+        shells=shells,
+        warnings=warnings,
+    )

@@ -1,0 +1,106 @@
+"""Output naming, atomic writes and the derivatives description."""
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import derivatives
+
+
+def test_build_name_orders_entities_by_schema():
+    name = derivatives.build_name(
+        {
+            "stat": "pearsoncorrelation",
+            "atlas": "Seitzman300",
+            "sub": "01",
+            "space": "MNI",
+            "task": "rest",
+            "session": "pre",
+        },
+        "relmat",
+        ".tsv",
+    )
+    assert (
+        name
+        == "sub-01_ses-pre_task-rest_space-MNI_atlas-Seitzman300_stat-pearsoncorrelation_relmat.tsv"
+    )
+
+
+def test_build_name_accepts_prefixed_labels_and_skips_none():
+    assert (
+        derivatives.build_name({"sub": "sub-01", "ses": None}, "sessions", ".tsv")
+        == "sub-01_sessions.tsv"
+    )
+
+
+@pytest.mark.parametrize("bad", [{"sub": "0_1"}, {"sub": ""}, {"colour": "red"}])
+def test_build_name_rejects_bad_entities(bad):
+    with pytest.raises(ValueError, match="entit"):
+        derivatives.build_name(bad, "x", ".tsv")
+
+
+def test_build_path_subject_level_has_no_session_folder():
+    assert derivatives.build_path({"sub": "01"}, "sessions", ".tsv", None) == Path(
+        "sub-01/sub-01_sessions.tsv"
+    )
+    assert derivatives.build_path({"sub": "01", "ses": "a"}, "T1w", ".nii.gz", "anat") == Path(
+        "sub-01/ses-a/anat/sub-01_ses-a_T1w.nii.gz"
+    )
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.tsv"
+    target.write_text("old\n")
+    with pytest.raises(OSError, match="No space"), derivatives.atomic_write(target) as handle:
+        handle.write("half")
+        raise OSError(28, "No space left on device")
+    assert target.read_text() == "old\n"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_write_with_keeps_extension_and_cleans_up(tmp_path):
+    seen = []
+
+    def writer(tmp):
+        seen.append(tmp.name)
+        raise RuntimeError("writer died")
+
+    with pytest.raises(RuntimeError):
+        derivatives.write_with(tmp_path / "img.nii.gz", writer)
+    assert seen[0].endswith(".nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_tsv_is_deterministic_and_uses_na(tmp_path):
+    table = pd.DataFrame({"a": [0.1 + 0.2, np.nan], "b": ["x", "y"]})
+    first = derivatives.write_tsv(tmp_path / "a.tsv", table).read_bytes()
+    second = derivatives.write_tsv(tmp_path / "b.tsv", table).read_bytes()
+    assert first == second == b"a\tb\n0.3\tx\nn/a\ty\n"
+
+
+def test_dataset_description_concurrent_writers_never_corrupt(tmp_path):
+    description = derivatives.dataset_description(name="t", version="1.2.3")
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(30):
+                derivatives.ensure_dataset_description(tmp_path, description)
+                json.loads((tmp_path / "dataset_description.json").read_text())
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    content = json.loads((tmp_path / "dataset_description.json").read_text())
+    assert content["DatasetType"] == "derivative"
+    assert content["GeneratedBy"][0] == {"Name": "Trajectome", "Version": "1.2.3"}
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset_description.json"]

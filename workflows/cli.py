@@ -1,0 +1,165 @@
+"""The ``trajectome`` command: BIDS_DIR OUTPUT_DIR {participant,group}."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import tomli_w
+
+from pipeline import derivatives
+from pipeline.bids import BIDSInputError, collect_subjects
+from pipeline.config import Config, ConfigError, dependency_versions, package_version, parse_args
+from pipeline.group import GroupInputError, write_group_sessions
+from pipeline.validation import BIDSValidationError, ValidatorError, check_bids
+
+LOGGER = logging.getLogger("trajectome")
+
+#: Exit codes: 0 all requested subjects/sessions succeeded; 1 some failed; 2 unusable input/options.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+#: Errors the user must fix: reported as one message, no traceback.
+USER_ERRORS = (ConfigError, BIDSInputError, BIDSValidationError, ValidatorError, GroupInputError)
+
+BIDSIGNORE = ("logs/", "group/", "*_relmat.*", "*_timeseries.*", "*_morph.*", "*_dwimap.*")
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    LOGGER.handlers[:] = [handler]
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False
+    # Nipype's own node-by-node chatter is replaced by our progress lines and summary.
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
+
+
+def write_provenance(config: Config, run_id: str) -> Path:
+    """Save the resolved configuration (TOML, reusable with --config-file) and package versions."""
+    logs = config.output_dir / "logs"
+    config_path = logs / f"trajectome-{run_id}_config.toml"
+    with derivatives.atomic_write(config_path, "wb") as handle:
+        tomli_w.dump(config.to_toml_dict(), handle)
+    derivatives.write_json(logs / f"trajectome-{run_id}_versions.json", dependency_versions())
+    return config_path
+
+
+def prepare_output(config: Config) -> None:
+    """Create the derivatives root with its description; fail early if it is not writable."""
+    try:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        description = derivatives.dataset_description(
+            name="Trajectome outputs",
+            version=package_version(),
+            source_datasets=[f"file://{config.bids_dir}"],
+        )
+        derivatives.ensure_dataset_description(config.output_dir, description)
+        bidsignore = config.output_dir / ".bidsignore"
+        if not bidsignore.exists():
+            with derivatives.atomic_write(bidsignore) as handle:
+                handle.write("\n".join(BIDSIGNORE) + "\n")
+    except PermissionError as err:
+        raise ConfigError(
+            f"{err.filename or config.output_dir}: output directory is not writable; "
+            "choose another "
+            "OUTPUT_DIR or fix its permissions."
+        ) from err
+
+
+def run_participant(config: Config, run_id: str) -> int:
+    """Validate, index, build and run the participant-level workflow."""
+    from workflows.base import init_trajectome_wf
+    from workflows.engine import collect_methods
+    from workflows.run import run_workflow
+
+    if not config.skip_bids_validation and not config.boilerplate_only:
+        LOGGER.info("Validating %s with bids-validator-deno", config.bids_dir)
+        check_bids(config.bids_dir)
+    subjects = collect_subjects(
+        config.bids_dir,
+        participant_labels=config.participant_label,
+        session_labels=config.session_label,
+        session_roles=config.session_roles,
+        bids_filter=config.bids_filters(),
+    )
+    for subject in subjects:
+        for session in subject.sessions:
+            LOGGER.info(
+                "sub-%s ses-%s: role=%s order=%d T1w=%d BOLD=%d DWI=%d%s",
+                subject.label,
+                session.label,
+                session.role,
+                session.order,
+                len(session.t1w),
+                len(session.bold),
+                len(session.dwi),
+                f" (missing: {', '.join(session.missing_modalities)})"
+                if session.missing_modalities
+                else "",
+            )
+    workflow = init_trajectome_wf(
+        subjects=subjects,
+        output_dir=config.output_dir,
+        version=package_version(),
+        omp_nthreads=config.omp_nthreads,
+        sloppy=config.sloppy,
+    )
+    methods = "\n\n".join(collect_methods(workflow)) + "\n"
+    with derivatives.atomic_write(config.output_dir / "logs" / "CITATION.md") as handle:
+        handle.write(methods)
+    if config.boilerplate_only:
+        LOGGER.info("Methods text written to %s", config.output_dir / "logs" / "CITATION.md")
+        return EXIT_OK
+    failures = run_workflow(
+        workflow,
+        work_dir=config.work_dir,
+        crash_dir=config.output_dir / "logs" / f"crash-{run_id}",
+        plugin=config.plugin,
+        plugin_args=config.plugin_args,
+        nprocs=config.nprocs,
+        mem_gb=config.mem_gb,
+    )
+    if failures:
+        LOGGER.error("%d step(s) failed; everything else finished:", len(failures))
+        for failure in failures:
+            LOGGER.error("  %s", failure.describe())
+        LOGGER.error("Crash reports: %s", config.output_dir / "logs" / f"crash-{run_id}")
+        return EXIT_FAILED
+    LOGGER.info("Participant level finished for %d subject(s).", len(subjects))
+    return EXIT_OK
+
+
+def run_group(config: Config, run_id: str) -> int:
+    """Collect the participant-level tables into cohort tables."""
+    out = write_group_sessions(config.output_dir, config.bids_dir)
+    LOGGER.info("Group level: %s", out)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``trajectome`` console script."""
+    _setup_logging()
+    try:
+        config = parse_args(argv)
+        run_id = _run_id()
+        prepare_output(config)
+        write_provenance(config, run_id)
+        runner = {"participant": run_participant, "group": run_group}[config.analysis_level]
+        code = runner(config, run_id)
+    except USER_ERRORS as err:
+        LOGGER.error("trajectome: %s", err)
+        return EXIT_USAGE
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

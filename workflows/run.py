@@ -1,0 +1,140 @@
+"""Running a workflow graph: Nipype plugin set-up, progress lines, and a failure summary."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nipype.pipeline import engine as pe
+
+LOGGER = logging.getLogger("trajectome")
+_SUBJECT = re.compile(r"(?:^|\.)sub_([0-9A-Za-z]+)_wf")
+_SESSION = re.compile(r"\.ses_([0-9A-Za-z]+)_wf")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A node that crashed, where it belongs, and why."""
+
+    subject: str | None
+    session: str | None
+    node: str
+    message: str
+
+    def describe(self) -> str:
+        """One line for the end-of-run summary."""
+        return f"[{_where(self.subject, self.session)}] {self.node}: {self.message}"
+
+
+def _where(subject: str | None, session: str | None) -> str:
+    parts = [f"sub-{subject}" if subject else "", f"ses-{session}" if session else ""]
+    return " ".join(p for p in parts if p) or "run"
+
+
+def locate(fullname: str) -> tuple[str | None, str | None, str]:
+    """Subject, session and short node path from a Nipype full node name."""
+    subject = _SUBJECT.search(fullname)
+    session = _SESSION.search(fullname)
+    short = fullname.split("_wf.")[-1]
+    return (subject.group(1) if subject else None, session.group(1) if session else None, short)
+
+
+class ProgressLogger:
+    """Nipype status callback: one line per finished or failed node, with its wall time."""
+
+    def __init__(self) -> None:
+        self._started: dict[str, float] = {}
+
+    def __call__(self, node: pe.Node, status: str) -> None:
+        name = node.fullname
+        if status == "start":
+            self._started[name] = time.monotonic()
+            return
+        started = self._started.pop(name, None)
+        elapsed = f" in {time.monotonic() - started:.1f} s" if started is not None else ""
+        subject, session, short = locate(name)
+        verb = "done" if status == "end" else "FAILED"
+        LOGGER.info("[%s] %s: %s%s", _where(subject, session), short, verb, elapsed)
+
+
+def read_crash_files(crash_dir: Path) -> list[Failure]:
+    """Failures described by Nipype's text crash files in ``crash_dir``."""
+    failures = []
+    for crash in sorted(crash_dir.glob("crash-*.txt")):
+        text = crash.read_text(errors="replace")
+        node_match = re.search(r"^Node: (.+)$", text, flags=re.MULTILINE)
+        fullname = node_match.group(1).strip() if node_match else crash.name
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        message = next(
+            (
+                line
+                for line in reversed(lines)
+                if re.match(r"^[A-Za-z_.]+(Error|Exception)\b", line)
+            ),
+            lines[-1] if lines else "unknown error",
+        )
+        # "pipeline.inputs.InputFileError: msg" -> "InputFileError: msg"
+        message = re.sub(r"^(?:\w+\.)+(\w+:)", r"\1", message)
+        subject, session, short = locate(fullname)
+        failures.append(Failure(subject, session, short, message))
+    return failures
+
+
+def run_workflow(
+    workflow: pe.Workflow,
+    *,
+    work_dir: Path,
+    crash_dir: Path,
+    plugin: str = "MultiProc",
+    plugin_args: dict[str, Any] | None = None,
+    nprocs: int = 1,
+    mem_gb: float | None = None,
+) -> list[Failure]:
+    """Run ``workflow`` and return the failed nodes (empty when everything succeeded).
+
+    Nodes that do not depend on a failed node still run (``stop_on_first_crash`` off),
+    so one bad session never stops the others.  Results are cached in ``work_dir``:
+    a rerun only recomputes what is unfinished.
+    """
+    crash_dir.mkdir(parents=True, exist_ok=True)
+    quiet_nipype()
+    workflow.base_dir = str(work_dir)
+    workflow.config["execution"].update(
+        {
+            "crashdump_dir": str(crash_dir),
+            "crashfile_format": "txt",
+            "stop_on_first_crash": False,
+            "hash_method": "content",
+            "remove_unnecessary_outputs": False,
+            "poll_sleep_duration": 0.05,
+        }
+    )
+    args: dict[str, Any] = {"status_callback": ProgressLogger()}
+    if plugin in {"MultiProc", "LegacyMultiProc"}:
+        args |= {"n_procs": nprocs, "raise_insufficient": False}
+        if mem_gb:
+            args["memory_gb"] = mem_gb
+    args |= plugin_args or {}
+    try:
+        workflow.run(plugin=plugin, plugin_args=args)
+    except RuntimeError as err:
+        failures = read_crash_files(crash_dir)
+        if not failures:
+            raise
+        LOGGER.debug("workflow raised: %s", err)
+        return sorted(failures, key=lambda f: (f.subject or "", f.session or "", f.node))
+    return read_crash_files(crash_dir)
+
+
+def quiet_nipype() -> None:
+    """Silence Nipype's per-node log lines; progress and failures are reported by us."""
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    for key in ("workflow_level", "interface_level", "utils_level"):
+        nipype_config.set("logging", key, "CRITICAL")
+    nipype_logging.update_logging(nipype_config)
