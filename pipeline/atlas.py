@@ -232,3 +232,19 @@ def load_atlas(path: str | Path, *, name: str | None = None) -> Atlas:
 def canonical_network(network: str) -> str | None:
     """Map an atlas network label to ``default_mode``, ``salience`` or ``executive_control``."""
     return CANONICAL_NETWORKS.get(network)
+
+
+def write_atlas(atlas: Atlas, root: str | Path) -> Path:
+    """Write ``atlas`` in BIDS-Atlas layout under ``root/atlases/atlas-<name>/``.
+
+    The file name carries the template space and the voxel size
+    (``atlas-<name>_space-<tpl>_res-<r>_dseg.nii.gz``) with the table beside it.
+    """
+    from pipeline.derivatives import write_tsv, write_with
+
+    folder = Path(root) / "atlases" / f"atlas-{atlas.name}"
+    resolution = round(float(atlas.image.header.get_zooms()[0]))
+    image_path = folder / f"atlas-{atlas.name}_space-{atlas.space}_res-{resolution}_dseg.nii.gz"
+    write_with(image_path, lambda tmp: nb.save(atlas.image, tmp))
+    write_tsv(folder / f"atlas-{atlas.name}_dseg.tsv", atlas.table)
+    return image_path
