@@ -1,0 +1,138 @@
+"""The command line end to end on small builder datasets."""
+
+import json
+import subprocess
+import sys
+from importlib import metadata
+
+import pandas as pd
+import pytest
+from bids_builder import SessionSpec, build_bids
+
+from workflows import cli
+
+
+def test_every_console_script_imports():
+    scripts = [
+        ep
+        for ep in metadata.entry_points(group="console_scripts")
+        if ep.dist and ep.dist.name == "trajectome"
+    ]
+    assert {ep.name for ep in scripts} == {"trajectome", "trajectome-simulate"}
+    for entry_point in scripts:
+        assert callable(entry_point.load())
+
+
+def test_version_flag():
+    out = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("trajectome ")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bids") / "ds"
+    return build_bids(
+        root,
+        {
+            "01": {
+                "pre": SessionSpec(acq_time="2024-01-01T09:00:00"),
+                "post": SessionSpec(acq_time="2024-02-01T09:00:00", dwi=0),
+            },
+            "02": {"pre": SessionSpec(), "post": SessionSpec(), "fu1": SessionSpec(bold=0)},
+        },
+        groups={"01": "patient", "02": "control"},
+    )
+
+
+def _run(dataset, out, *extra):
+    return cli.main(
+        [
+            str(dataset),
+            str(out),
+            "participant",
+            "-w",
+            str(out.parent / "work"),
+            "--nprocs",
+            "1",
+            "--skip-bids-validation",
+            *extra,
+        ]
+    )
+
+
+def test_participant_and_group_levels(dataset, tmp_path):
+    out = tmp_path / "out"
+    assert _run(dataset, out) == cli.EXIT_OK
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "Trajectome"
+    sessions = pd.read_csv(out / "sub-01" / "sub-01_sessions.tsv", sep="\t", keep_default_na=False)
+    assert sessions["session_id"].tolist() == ["ses-pre", "ses-post"]
+    assert sessions["role"].tolist() == ["pre", "post"]
+    assert sessions["missing"].tolist() == ["", "dwi"]
+    sessions2 = pd.read_csv(out / "sub-02" / "sub-02_sessions.tsv", sep="\t", keep_default_na=False)
+    assert sessions2["role"].tolist() == ["pre", "post", "maintenance"]
+    assert sessions2["missing"].tolist() == ["", "", "bold"]
+    logs = out / "logs"
+    assert list(logs.glob("trajectome-*_config.toml")) and list(
+        logs.glob("trajectome-*_versions.json")
+    )
+    assert "Trajectome" in (logs / "CITATION.md").read_text()
+
+    assert cli.main([str(dataset), str(out), "group"]) == cli.EXIT_OK
+    cohort = pd.read_csv(out / "group" / "cohort_sessions.tsv", sep="\t")
+    assert len(cohort) == 5
+    assert set(cohort["group"]) == {"patient", "control"}
+
+
+def test_failure_is_isolated_and_summarised(dataset, tmp_path, capsys):
+    broken = tmp_path / "ds"
+    subprocess.run(["cp", "-r", str(dataset), str(broken)], check=True)
+    bold = broken / "sub-02" / "ses-post" / "func" / "sub-02_ses-post_task-rest_bold.nii.gz"
+    bold.write_bytes(bold.read_bytes()[:200])
+    out = tmp_path / "out"
+    assert _run(broken, out) == cli.EXIT_FAILED
+    summary = capsys.readouterr().err.splitlines()
+    assert any("1 step(s) failed" in line for line in summary)
+    assert any(
+        "[sub-02 ses-post] check_bold" in line
+        and str(bold) in line
+        and "corrupt or truncated" in line
+        for line in summary
+    )
+    # everything else finished: both subjects' tables are there
+    assert (out / "sub-01" / "sub-01_sessions.tsv").exists()
+    assert (out / "sub-02" / "sub-02_sessions.tsv").exists()
+    # no temporary files left behind
+    assert not [p for p in out.rglob("*.tmp*")]
+
+
+def test_unknown_label_lists_existing(dataset, tmp_path, capsys):
+    assert _run(dataset, tmp_path / "out", "--participant-label", "sub-99") == cli.EXIT_USAGE
+    message = capsys.readouterr().err
+    assert "99" in message and "01" in message and "02" in message
+
+
+def test_group_before_participant_is_a_clear_error(dataset, tmp_path, capsys):
+    assert cli.main([str(dataset), str(tmp_path / "out"), "group"]) == cli.EXIT_USAGE
+    assert "run the participant level first" in capsys.readouterr().err
+
+
+def test_boilerplate_only_writes_methods_without_running(dataset, tmp_path):
+    out = tmp_path / "out"
+    assert _run(dataset, out, "--boilerplate-only") == cli.EXIT_OK
+    assert "Nipype" in (out / "logs" / "CITATION.md").read_text()
+    assert not list(out.glob("sub-*"))
+
+
+def test_unwritable_output_dir(dataset, tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere; permission errors cannot be provoked")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert _run(dataset, locked / "out") == cli.EXIT_USAGE
+    assert "not writable" in capsys.readouterr().err
