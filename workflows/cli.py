@@ -53,6 +53,17 @@ def write_provenance(config: Config, run_id: str) -> Path:
     return config_path
 
 
+def write_citations(logs: Path, methods: list[str]) -> None:
+    """Write the methods text (``CITATION.md``) and its BibTeX entries (``CITATION.bib``)."""
+    from importlib import resources
+
+    with derivatives.atomic_write(logs / "CITATION.md") as handle:
+        handle.write("\n\n".join(methods) + "\n")
+    bib = (resources.files("pipeline") / "data" / "boilerplate.bib").read_text()
+    with derivatives.atomic_write(logs / "CITATION.bib") as handle:
+        handle.write(bib)
+
+
 def prepare_output(config: Config) -> None:
     """Create the derivatives root with its description; fail early if it is not writable."""
     try:
@@ -113,9 +124,7 @@ def run_participant(config: Config, run_id: str) -> int:
         omp_nthreads=config.omp_nthreads,
         sloppy=config.sloppy,
     )
-    methods = "\n\n".join(collect_methods(workflow)) + "\n"
-    with derivatives.atomic_write(config.output_dir / "logs" / "CITATION.md") as handle:
-        handle.write(methods)
+    write_citations(config.output_dir / "logs", collect_methods(workflow))
     if config.boilerplate_only:
         LOGGER.info("Methods text written to %s", config.output_dir / "logs" / "CITATION.md")
         return EXIT_OK
