@@ -1,0 +1,5 @@
+"""``python -m pipeline.simulate``."""
+
+from pipeline.simulate.cli import main
+
+raise SystemExit(main())
