@@ -248,3 +248,23 @@ def write_atlas(atlas: Atlas, root: str | Path) -> Path:
     write_with(image_path, lambda tmp: nb.save(atlas.image, tmp))
     write_tsv(folder / f"atlas-{atlas.name}_dseg.tsv", atlas.table)
     return image_path
+
+
+def resolve_atlas(spec: str) -> Atlas:
+    """An atlas from a command-line value: the bundled name, a BIDS-Atlas folder or a dseg image.
+
+    Raises
+    ------
+    AtlasError
+        When ``spec`` is neither the bundled atlas nor an existing path.
+    """
+    if spec == DEFAULT_ATLAS:
+        return build_default_atlas()
+    path = Path(spec)
+    if path.exists():
+        return load_atlas(path)
+    raise AtlasError(
+        f"--atlas {spec!r}: not the bundled atlas ({DEFAULT_ATLAS}) and no such file or folder; "
+        "give a BIDS-Atlas folder (atlas-<name>/ with *_dseg.nii.gz and *_dseg.tsv) "
+        "or a dseg image."
+    )

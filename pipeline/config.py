@@ -62,6 +62,8 @@ class Config:
     sloppy: bool = False
     boilerplate_only: bool = False
     seed: int = 42
+    atlas: list[str] = field(default_factory=lambda: ["Seitzman300"])
+    anat_reference: str = "unbiased"
     config_file: Path | None = None
 
     def __post_init__(self) -> None:
@@ -250,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the methods text and citations, then stop",
     )
     run.add_argument("--seed", type=int, help="random seed for everything stochastic")
+
+    proc = parser.add_argument_group("processing")
+    proc.add_argument(
+        "--atlas",
+        nargs="+",
+        metavar="ATLAS",
+        help="atlases: 'Seitzman300' (bundled, default), a BIDS-Atlas folder, or a "
+        "dseg NIfTI with a TSV beside it (index, name, network)",
+    )
+    proc.add_argument(
+        "--anat-reference",
+        choices=("unbiased", "first", "sessionwise"),
+        help="within-subject anatomical reference (default: unbiased template)",
+    )
     return parser
 
 

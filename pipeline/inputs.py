@@ -189,3 +189,50 @@ def check_dwi(path: str | Path, bval: str | Path, bvec: str | Path) -> InputSumm
         shells=shells,
         warnings=warnings,
     )
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """An input file left out of processing, and why."""
+
+    subject: str
+    session: str | None
+    path: str
+    message: str
+
+
+def preflight_session(session: Any) -> tuple[Any, list[InputProblem], list[InputSummary]]:
+    """Check every input file of a session; return the session without unusable files.
+
+    Parameters
+    ----------
+    session : pipeline.bids.Session
+        As collected from the dataset.
+
+    Returns
+    -------
+    usable : pipeline.bids.Session
+        The same session with the files that failed their check removed.
+    problems : list of InputProblem
+        One per removed file, with the message naming it and the fix.
+    summaries : list of InputSummary
+        What was learnt about every usable file (including warnings).
+    """
+    from dataclasses import replace
+
+    problems: list[InputProblem] = []
+    summaries: list[InputSummary] = []
+
+    def keep(item: Any, check: Any) -> bool:
+        try:
+            summaries.append(check())
+        except InputFileError as err:
+            path = getattr(item, "path", item)
+            problems.append(InputProblem(session.subject, session.label, str(path), str(err)))
+            return False
+        return True
+
+    t1w = tuple(p for p in session.t1w if keep(p, lambda p=p: check_t1w(p)))
+    bold = tuple(r for r in session.bold if keep(r, lambda r=r: check_bold(r.path, r.metadata)))
+    dwi = tuple(r for r in session.dwi if keep(r, lambda r=r: check_dwi(r.path, r.bval, r.bvec)))
+    return replace(session, t1w=t1w, bold=bold, dwi=dwi), problems, summaries

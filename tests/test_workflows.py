@@ -4,6 +4,7 @@ import pytest
 from bids_builder import SessionSpec, build_bids
 
 from pipeline.bids import collect_subjects
+from workflows.anat import AtlasFiles
 from workflows.base import init_trajectome_wf
 from workflows.engine import collect_methods
 
@@ -21,26 +22,38 @@ def subjects(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sloppy", [False, True])
-@pytest.mark.parametrize("omp_nthreads", [1, 4])
-def test_graph_has_one_check_per_input_file(subjects, tmp_path, sloppy, omp_nthreads):
+@pytest.mark.parametrize("anat_reference", ["unbiased", "first", "sessionwise"])
+def test_graph_builds_for_every_anat_reference(subjects, tmp_path, sloppy, anat_reference):
+    atlas = AtlasFiles("Test", tmp_path / "atlas.nii.gz", tmp_path / "atlas.tsv")
+    atlas.image.touch()
+    atlas.table.touch()
     wf = init_trajectome_wf(
         subjects=subjects,
         output_dir=tmp_path,
         version="1.2.3",
-        omp_nthreads=omp_nthreads,
+        atlases=[atlas],
+        anat_reference=anat_reference,
+        omp_nthreads=2,
         sloppy=sloppy,
     )
     assert wf.name == "trajectome_1_2_wf"
     names = set(wf.list_node_names())
     assert {
-        "sub_01_wf.ses_pre_wf.check_t1w_0",
-        "sub_01_wf.ses_pre_wf.check_bold_task_rest_run_1",
-        "sub_01_wf.ses_pre_wf.check_bold_task_rest_run_2",
-        "sub_01_wf.ses_pre_wf.check_dwi_run",
-        "sub_01_wf.ses_post_wf.check_bold_task_rest",
         "sub_01_wf.ds_sessions",
-        "sub_02_wf.session_wf.check_dwi_run",
+        "sub_01_wf.anat_wf.preproc_pre",
+        "sub_01_wf.anat_wf.preproc_post",
+        "sub_01_wf.anat_wf.subject_template",
+        "sub_01_wf.anat_wf.volumes_Test_pre",
+        "sub_01_wf.anat_wf.ds_post_Test_T1w_dseg",
     } <= names
-    assert not any("ses_post_wf.check_dwi" in n for n in names)
-    assert not any(n.startswith("sub_02_wf.session_wf.check_t1w") for n in names)
-    assert "*Trajectome* 1.2.3" in collect_methods(wf)[0]
+    shared = "sub_01_wf.anat_wf.template_to_mni" in names
+    assert shared == (anat_reference != "sessionwise")
+    # sub-02 has no T1w: no anatomy, but its sessions table is still written
+    assert "sub_02_wf.ds_sessions" in names
+    assert not any(n.startswith("sub_02_wf.anat_wf") for n in names)
+    preproc = wf.get_node("sub_01_wf.anat_wf.preproc_pre")
+    assert preproc.inputs.settings == ("sloppy" if sloppy else "default")
+    assert preproc.n_procs == 2
+    methods = collect_methods(wf)
+    assert "*Trajectome* 1.2.3" in methods[0]
+    assert any("N4" in text for text in methods)

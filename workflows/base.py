@@ -1,4 +1,4 @@
-"""Top-level graph: one workflow per subject, one per session inside it."""
+"""Top-level graph: one workflow per subject (sessions table, anatomy, then per-session work)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,20 @@ from pathlib import Path
 
 from nipype.pipeline import engine as pe
 
-from pipeline.bids import Session, Subject
+from pipeline.bids import Subject
+from workflows.anat import AtlasFiles, init_anat_wf
 from workflows.engine import Workflow
-from workflows.interfaces import CheckInput, DerivativesSink, RecordsToTSV
+from workflows.interfaces import DerivativesSink, RecordsToTSV
 
 SESSION_COLUMNS = {
     "session_id": "Session label with its 'ses-' prefix.",
     "role": "Treatment phase: pre, post or maintenance (empty when cross-sectional).",
     "order": "Position of the session in the subject's timeline, from 1.",
     "acq_time": "Acquisition time from the input sessions.tsv, when given.",
-    "n_t1w": "Number of T1w images found.",
-    "n_bold": "Number of resting-state BOLD runs found.",
-    "n_dwi": "Number of DWI runs found.",
-    "missing": "Modalities absent from the session (comma-separated), processed without them.",
+    "n_t1w": "Number of usable T1w images.",
+    "n_bold": "Number of usable resting-state BOLD runs.",
+    "n_dwi": "Number of usable DWI runs.",
+    "missing": "Modalities absent or unusable in the session (comma-separated).",
 }
 
 
@@ -28,37 +29,38 @@ def node_label(*parts: str | None) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "_", "_".join(p for p in parts if p)).strip("_")
 
 
-def _run_label(entities: dict) -> str:
-    keys = ("task", "acquisition", "direction", "run")
-    return (
-        node_label(*(f"{k[:4]}-{entities[k]}" for k in keys if entities.get(k) is not None))
-        or "run"
-    )
-
-
 def init_trajectome_wf(
     *,
     subjects: list[Subject],
     output_dir: Path,
     version: str,
+    atlases: list[AtlasFiles] | None = None,
+    anat_reference: str = "unbiased",
     omp_nthreads: int = 1,
     sloppy: bool = False,
+    seed: int = 42,
 ) -> Workflow:
     """Build the participant-level workflow for every subject.
 
     Parameters
     ----------
     subjects : list of pipeline.bids.Subject
-        The session model of the selected subjects.
+        The session model of the selected subjects, holding only usable input files.
     output_dir : Path
         Derivatives root.
     version : str
         Trajectome version; the workflow name carries major.minor so a work directory
         left by another version is never reused.
+    atlases : list of AtlasFiles, optional
+        Atlases in template space; without any, no anatomical workflow is built.
+    anat_reference : str
+        ``unbiased``, ``first`` or ``sessionwise`` (see :func:`workflows.anat.init_anat_wf`).
     omp_nthreads : int
         Threads per process for multithreaded nodes.
     sloppy : bool
         Cheap settings for tests.
+    seed : int
+        Seed of everything stochastic.
     """
     major_minor = "_".join(version.split(".")[:2])
     workflow = Workflow(name=node_label(f"trajectome_{major_minor}_wf"))
@@ -68,13 +70,16 @@ def init_trajectome_wf(
         "sessions of a longitudinal study. BIDS inputs were indexed with *PyBIDS* [@pybids]."
     )
     for subject in subjects:
-        workflow.add_nodes(
-            [
-                init_single_subject_wf(
-                    subject=subject, output_dir=output_dir, omp_nthreads=omp_nthreads, sloppy=sloppy
-                )
-            ]
+        subject_wf = init_single_subject_wf(
+            subject=subject,
+            output_dir=output_dir,
+            atlases=atlases or [],
+            anat_reference=anat_reference,
+            omp_nthreads=omp_nthreads,
+            sloppy=sloppy,
+            seed=seed,
         )
+        workflow.add_nodes([subject_wf])
     return workflow
 
 
@@ -96,14 +101,20 @@ def session_records(subject: Subject) -> list[dict]:
 
 
 def init_single_subject_wf(
-    *, subject: Subject, output_dir: Path, omp_nthreads: int = 1, sloppy: bool = False
+    *,
+    subject: Subject,
+    output_dir: Path,
+    atlases: list[AtlasFiles],
+    anat_reference: str = "unbiased",
+    omp_nthreads: int = 1,
+    sloppy: bool = False,
+    seed: int = 42,
 ) -> Workflow:
-    """Everything for one subject: the sessions table and one workflow per session."""
+    """Everything for one subject: its sessions table and the anatomical workflow."""
     workflow = Workflow(name=node_label(f"sub_{subject.label}_wf"))
+    records = session_records(subject)
     sessions_tsv = pe.Node(
-        RecordsToTSV(
-            records=session_records(subject), columns=list(SESSION_COLUMNS), out_name="sessions.tsv"
-        ),
+        RecordsToTSV(records=records, columns=list(SESSION_COLUMNS), out_name="sessions.tsv"),
         name="sessions_tsv",
     )
     ds_sessions = pe.Node(
@@ -118,39 +129,18 @@ def init_single_subject_wf(
         run_without_submitting=True,
     )
     workflow.connect(sessions_tsv, "out_file", ds_sessions, "in_file")
-    for session in subject.sessions:
-        workflow.add_nodes(
-            [
-                init_session_wf(
-                    session=session, output_dir=output_dir, omp_nthreads=omp_nthreads, sloppy=sloppy
-                )
-            ]
-        )
-    return workflow
 
-
-def init_session_wf(
-    *, session: Session, output_dir: Path, omp_nthreads: int = 1, sloppy: bool = False
-) -> Workflow:
-    """One session: every input file is checked on its own, so one bad run fails alone."""
-    workflow = Workflow(
-        name=node_label(f"ses_{session.label}_wf" if session.label else "session_wf")
-    )
-    for index, t1w in enumerate(session.t1w):
-        node = pe.Node(CheckInput(modality="anat", in_file=str(t1w)), name=f"check_t1w_{index}")
-        workflow.add_nodes([node])
-    for run in session.bold:
-        node = pe.Node(
-            CheckInput(modality="func", in_file=str(run.path), metadata=dict(run.metadata)),
-            name=f"check_bold_{_run_label(run.entities)}",
+    anat_sessions = [s for s in subject.sessions if s.t1w]
+    if atlases and anat_sessions:
+        anat_wf = init_anat_wf(
+            subject=subject.label,
+            sessions=anat_sessions,
+            atlases=atlases,
+            output_dir=output_dir,
+            anat_reference=anat_reference,
+            omp_nthreads=omp_nthreads,
+            sloppy=sloppy,
+            seed=seed,
         )
-        workflow.add_nodes([node])
-    for run in session.dwi:
-        node = pe.Node(
-            CheckInput(
-                modality="dwi", in_file=str(run.path), bval=str(run.bval), bvec=str(run.bvec)
-            ),
-            name=f"check_dwi_{_run_label(run.entities)}",
-        )
-        workflow.add_nodes([node])
+        workflow.add_nodes([anat_wf])
     return workflow

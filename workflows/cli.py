@@ -7,15 +7,20 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import tomli_w
 
 from pipeline import derivatives
-from pipeline.bids import BIDSInputError, collect_subjects
+from pipeline.atlas import AtlasError, resolve_atlas, write_atlas
+from pipeline.bids import BIDSInputError, Subject, collect_subjects
 from pipeline.config import Config, ConfigError, dependency_versions, package_version, parse_args
 from pipeline.group import GroupInputError, write_group_sessions
+from pipeline.inputs import preflight_session
 from pipeline.validation import BIDSValidationError, ValidatorError, check_bids
+from workflows.anat import AtlasFiles
+from workflows.run import Failure
 
 LOGGER = logging.getLogger("trajectome")
 
@@ -23,7 +28,14 @@ LOGGER = logging.getLogger("trajectome")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 #: Errors the user must fix: reported as one message, no traceback.
-USER_ERRORS = (ConfigError, BIDSInputError, BIDSValidationError, ValidatorError, GroupInputError)
+USER_ERRORS = (
+    ConfigError,
+    BIDSInputError,
+    BIDSValidationError,
+    ValidatorError,
+    GroupInputError,
+    AtlasError,
+)
 
 BIDSIGNORE = ("logs/", "group/", "*_relmat.*", "*_timeseries.*", "*_morph.*", "*_dwimap.*")
 
@@ -86,8 +98,58 @@ def prepare_output(config: Config) -> None:
         ) from err
 
 
+def preflight(subjects: list[Subject]) -> tuple[list[Subject], list[Failure]]:
+    """Check every input file; drop unusable ones so the rest of each session still runs."""
+    checked, failures = [], []
+    for subject in subjects:
+        sessions = []
+        for session in subject.sessions:
+            usable, problems, summaries = preflight_session(session)
+            sessions.append(usable)
+            failures += [Failure(p.subject, p.session, "input check", p.message) for p in problems]
+            for summary in summaries:
+                for warning in summary.warnings:
+                    LOGGER.warning("[%s] %s", session.name, warning)
+            LOGGER.info(
+                "[%s] role=%s order=%d T1w=%d BOLD=%d DWI=%d%s",
+                session.name,
+                usable.role,
+                usable.order,
+                len(usable.t1w),
+                len(usable.bold),
+                len(usable.dwi),
+                f" (missing: {', '.join(usable.missing_modalities)})"
+                if usable.missing_modalities
+                else "",
+            )
+        checked.append(replace(subject, sessions=tuple(sessions)))
+    return checked, failures
+
+
+def prepare_atlases(config: Config) -> list[AtlasFiles]:
+    """Resolve ``--atlas`` values and write each atlas, in BIDS-Atlas layout, to the outputs."""
+    files = []
+    for spec in config.atlas:
+        atlas = resolve_atlas(spec)
+        image = write_atlas(atlas, config.output_dir)
+        files.append(AtlasFiles(atlas.name, image, image.parent / f"atlas-{atlas.name}_dseg.tsv"))
+    names = [a.name for a in files]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--atlas: two atlases share a name ({names}); names must be unique.")
+    return files
+
+
+def report_failures(failures: list[Failure], crash_dir: Path) -> None:
+    """Log the end-of-run summary of everything that failed."""
+    LOGGER.error("%d step(s) failed; everything else finished:", len(failures))
+    for failure in failures:
+        LOGGER.error("  %s", failure.describe())
+    if crash_dir.exists() and any(crash_dir.iterdir()):
+        LOGGER.error("Crash reports: %s", crash_dir)
+
+
 def run_participant(config: Config, run_id: str) -> int:
-    """Validate, index, build and run the participant-level workflow."""
+    """Validate, index, check inputs, build and run the participant-level workflow."""
     from workflows.base import init_trajectome_wf
     from workflows.engine import collect_methods
     from workflows.run import run_workflow
@@ -102,46 +164,35 @@ def run_participant(config: Config, run_id: str) -> int:
         session_roles=config.session_roles,
         bids_filter=config.bids_filters(),
     )
-    for subject in subjects:
-        for session in subject.sessions:
-            LOGGER.info(
-                "sub-%s ses-%s: role=%s order=%d T1w=%d BOLD=%d DWI=%d%s",
-                subject.label,
-                session.label,
-                session.role,
-                session.order,
-                len(session.t1w),
-                len(session.bold),
-                len(session.dwi),
-                f" (missing: {', '.join(session.missing_modalities)})"
-                if session.missing_modalities
-                else "",
-            )
+    failures: list[Failure] = []
+    if not config.boilerplate_only:
+        subjects, failures = preflight(subjects)
     workflow = init_trajectome_wf(
         subjects=subjects,
         output_dir=config.output_dir,
         version=package_version(),
+        atlases=prepare_atlases(config),
+        anat_reference=config.anat_reference,
         omp_nthreads=config.omp_nthreads,
         sloppy=config.sloppy,
+        seed=config.seed,
     )
     write_citations(config.output_dir / "logs", collect_methods(workflow))
     if config.boilerplate_only:
         LOGGER.info("Methods text written to %s", config.output_dir / "logs" / "CITATION.md")
         return EXIT_OK
-    failures = run_workflow(
+    crash_dir = config.output_dir / "logs" / f"crash-{run_id}"
+    failures += run_workflow(
         workflow,
         work_dir=config.work_dir,
-        crash_dir=config.output_dir / "logs" / f"crash-{run_id}",
+        crash_dir=crash_dir,
         plugin=config.plugin,
         plugin_args=config.plugin_args,
         nprocs=config.nprocs,
         mem_gb=config.mem_gb,
     )
     if failures:
-        LOGGER.error("%d step(s) failed; everything else finished:", len(failures))
-        for failure in failures:
-            LOGGER.error("  %s", failure.describe())
-        LOGGER.error("Crash reports: %s", config.output_dir / "logs" / f"crash-{run_id}")
+        report_failures(failures, crash_dir)
         return EXIT_FAILED
     LOGGER.info("Participant level finished for %d subject(s).", len(subjects))
     return EXIT_OK

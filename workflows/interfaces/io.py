@@ -1,4 +1,4 @@
-"""Thin Nipype interfaces: read inputs, call ``pipeline``, write files. No maths here."""
+"""Interfaces that check inputs and write tables and derivatives."""
 
 from __future__ import annotations
 
