@@ -40,20 +40,35 @@ def test_graph_builds_for_every_anat_reference(subjects, tmp_path, sloppy, anat_
     names = set(wf.list_node_names())
     assert {
         "sub_01_wf.ds_sessions",
-        "sub_01_wf.anat_wf.preproc_pre",
-        "sub_01_wf.anat_wf.preproc_post",
+        "sub_01_wf.anat_wf.preproc_ses_pre",
+        "sub_01_wf.anat_wf.preproc_ses_post",
         "sub_01_wf.anat_wf.subject_template",
-        "sub_01_wf.anat_wf.volumes_Test_pre",
-        "sub_01_wf.anat_wf.ds_post_Test_T1w_dseg",
+        "sub_01_wf.anat_wf.volumes_Test_ses_pre",
+        "sub_01_wf.anat_wf.ds_ses_post_Test_T1w_dseg",
     } <= names
     shared = "sub_01_wf.anat_wf.template_to_mni" in names
     assert shared == (anat_reference != "sessionwise")
     # sub-02 has no T1w: no anatomy, but its sessions table is still written
     assert "sub_02_wf.ds_sessions" in names
     assert not any(n.startswith("sub_02_wf.anat_wf") for n in names)
-    preproc = wf.get_node("sub_01_wf.anat_wf.preproc_pre")
+    preproc = wf.get_node("sub_01_wf.anat_wf.preproc_ses_pre")
     assert preproc.inputs.settings == ("sloppy" if sloppy else "default")
     assert preproc.n_procs == 2
     methods = collect_methods(wf)
     assert "*Trajectome* 1.2.3" in methods[0]
     assert any("N4" in text for text in methods)
+
+
+@pytest.mark.parametrize(
+    ("fullname", "expected"),
+    [
+        ("t_wf.sub_01_wf.anat_wf.preproc_ses_preECT", ("01", "preECT", "preproc_ses_preECT")),
+        ("t_wf.sub_01_wf.ses_pre_wf.check_t1w_0", ("01", "pre", "check_t1w_0")),
+        ("t_wf.sub_01_wf.anat_wf.subject_template", ("01", None, "subject_template")),
+        ("t_wf.sub_A1_wf.anat_wf.ds_ses_fu2_preproc_T1w", ("A1", "fu2", "ds_ses_fu2_preproc_T1w")),
+    ],
+)
+def test_locate_names_subject_and_session(fullname, expected):
+    from workflows.run import locate
+
+    assert locate(fullname) == expected

@@ -44,7 +44,8 @@ class AtlasFiles:
 
 
 def _session_key(session: Session) -> str:
-    return session.label or "single"
+    # "ses_<label>" in node names lets progress lines and failures name the session
+    return f"ses_{session.label}" if session.label else "single"
 
 
 def init_anat_wf(
@@ -233,7 +234,9 @@ class _SinkFactory:
 
     def add(self, node, field, entities, suffix, extension, meta=None, **more_entities) -> None:
         entities = {"subject": self.subject, **entities, **more_entities}
-        parts = [v for k, v in entities.items() if k != "subject" and v]
+        parts = [
+            f"ses_{v}" if k == "session" else v for k, v in entities.items() if k != "subject" and v
+        ]
         name = "ds_" + "_".join([*map(str, parts), suffix]).replace("-", "_")
         sink = pe.Node(
             DerivativesSink(

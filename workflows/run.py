@@ -13,7 +13,7 @@ from nipype.pipeline import engine as pe
 
 LOGGER = logging.getLogger("trajectome")
 _SUBJECT = re.compile(r"(?:^|\.)sub_([0-9A-Za-z]+)_wf")
-_SESSION = re.compile(r"\.ses_([0-9A-Za-z]+)_wf")
+_SESSION = re.compile(r"[._]ses_([0-9A-Za-z]+)(?=$|[._])")
 
 
 @dataclass(frozen=True)
