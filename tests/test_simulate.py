@@ -31,14 +31,21 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _relmat(root: Path, sub: str, ses: str, desc: str) -> pd.DataFrame:
-    name = (f"sub-{sub}_ses-{ses}_task-rest_atlas-{ATLAS}_desc-{desc}"
-            "_stat-pearsoncorrelation_relmat.tsv")
-    return pd.read_csv(root / GT / f"sub-{sub}" / f"ses-{ses}" / "func" / name, sep="\t")
+    name = (
+        f"sub-{sub}_ses-{ses}_task-rest_atlas-{ATLAS}_desc-{desc}"
+        "_stat-pearsoncorrelation_relmat.tsv"
+    )
+    return pd.read_csv(
+        root / GT / f"sub-{sub}" / f"ses-{ses}" / "func" / name, sep="\t", index_col=0
+    )
 
 
 def _effects(root: Path, sub: str) -> pd.DataFrame:
@@ -61,8 +68,9 @@ def test_layout_and_tables(dataset: Path) -> None:
     gaps = (times - times.iloc[0]).dt.days.tolist()
     assert gaps[0] == 0 and 24 <= gaps[1] <= 32 and 170 <= gaps[2] <= 190
     cfg = get_config("tiny")
-    bold = nb.load(dataset / "sub-pat01/ses-postECT/func/"
-                   "sub-pat01_ses-postECT_task-rest_bold.nii.gz")
+    bold = nb.load(
+        dataset / "sub-pat01/ses-postECT/func/sub-pat01_ses-postECT_task-rest_bold.nii.gz"
+    )
     assert bold.shape[3] == cfg.volumes
     assert bold.header.get_zooms()[3] == pytest.approx(cfg.tr)
     bvals = np.loadtxt(dataset / "sub-ctl01/ses-preECT/dwi/sub-ctl01_ses-preECT_dwi.bval")
@@ -76,8 +84,9 @@ def test_bids_validator_zero_errors(dataset: Path) -> None:
     exe = _validator()
     if exe is None:
         pytest.skip("bids-validator-deno not installed")
-    proc = subprocess.run([exe, "--json", str(dataset)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [exe, "--json", str(dataset)], capture_output=True, text=True, timeout=300
+    )
     import json
 
     report = json.loads(proc.stdout)
@@ -98,8 +107,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
 
 def test_adding_a_subject_keeps_the_others(tmp_path: Path, dataset: Path) -> None:
     # a cohort with 2 patients must reproduce sub-pat01 of the fixture byte for byte
-    root = simulate_dataset(tmp_path / "d", n_patients=2, n_controls=0, seed=SEED,
-                            sessions=("preECT",), preset="tiny")
+    root = simulate_dataset(
+        tmp_path / "d", n_patients=2, n_controls=0, seed=SEED, sessions=("preECT",), preset="tiny"
+    )
     rel = Path("sub-pat01/ses-preECT/anat/sub-pat01_ses-preECT_T1w.nii.gz")
     assert (root / rel).read_bytes() == (dataset / rel).read_bytes()
 
@@ -108,14 +118,18 @@ def test_relmats_symmetric_unit_diagonal_atlas_names(dataset: Path) -> None:
     names = build_default_atlas(2).table["name"].tolist()
     for desc in ("planted", "population"):
         mat = _relmat(dataset, "pat01", "preECT", desc)
-        assert mat.columns.tolist() == names
+        assert mat.columns.tolist() == names and mat.index.tolist() == names
         values = mat.to_numpy()
         np.testing.assert_allclose(values, values.T, atol=1e-12)
         np.testing.assert_allclose(np.diag(values), 1.0)
         assert np.abs(values).max() <= 1.0
-    sc_path = (dataset / GT / "sub-pat01/ses-preECT/dwi" /
-               f"sub-pat01_ses-preECT_atlas-{ATLAS}_desc-planted_stat-bundlecount_relmat.tsv")
-    sc = pd.read_csv(sc_path, sep="\t").to_numpy()
+    sc_path = (
+        dataset
+        / GT
+        / "sub-pat01/ses-preECT/dwi"
+        / f"sub-pat01_ses-preECT_atlas-{ATLAS}_desc-planted_stat-bundlecount_relmat.tsv"
+    )
+    sc = pd.read_csv(sc_path, sep="\t", index_col=0).to_numpy()
     bundles = pd.read_csv(str(sc_path).replace("stat-bundlecount_relmat", "bundles"), sep="\t")
     assert (sc > 0).sum() == 2 * len(bundles) == 2 * get_config("tiny").n_bundles
     np.testing.assert_array_equal(sc, sc.T)
@@ -129,8 +143,9 @@ def test_relmats_symmetric_unit_diagonal_atlas_names(dataset: Path) -> None:
 def test_planted_fc_is_correlation_of_latent_series(dataset: Path) -> None:
     stem = "sub-ctl01_ses-maintenance"
     func = dataset / GT / "sub-ctl01/ses-maintenance/func"
-    ts = pd.read_csv(func / f"{stem}_task-rest_atlas-{ATLAS}_desc-planted_timeseries.tsv.gz",
-                     sep="\t").to_numpy()
+    ts = pd.read_csv(
+        func / f"{stem}_task-rest_atlas-{ATLAS}_desc-planted_timeseries.tsv.gz", sep="\t"
+    ).to_numpy()
     conf = pd.read_csv(func / f"{stem}_task-rest_desc-planted_outliers.tsv", sep="\t")
     keep = conf["non_steady_state"].to_numpy() == 0
     planted = _relmat(dataset, "ctl01", "maintenance", "planted").to_numpy()
@@ -155,15 +170,22 @@ def test_planted_effects_signs(dataset: Path) -> None:
     between = {ses: m[np.ix_(sal, fpn)].mean() for ses, m in pop.items()}
     assert between["postECT"] > between["preECT"] + 0.08
     dmn = nets == DMN
-    within = {ses: m[np.ix_(dmn, dmn)][np.triu_indices(dmn.sum(), 1)].mean()
-              for ses, m in pop.items()}
+    within = {
+        ses: m[np.ix_(dmn, dmn)][np.triu_indices(dmn.sum(), 1)].mean() for ses, m in pop.items()
+    }
     assert within["postECT"] < within["preECT"] - 0.1
     hipp = pat.loc["hippocampal_volume"]
     assert 1.02 < hipp["post"] / hipp["pre"] < 1.07
     assert pat.loc["hippocampal_volume", "maintenance_class"] in (
-        "regression", "stabilisation", "continued_remodelling")
-    assert ctl.loc["hippocampal_volume", "pre"] == ctl.loc["hippocampal_volume", "post"] \
+        "regression",
+        "stabilisation",
+        "continued_remodelling",
+    )
+    assert (
+        ctl.loc["hippocampal_volume", "pre"]
+        == ctl.loc["hippocampal_volume", "post"]
         == ctl.loc["hippocampal_volume", "maintenance"]
+    )
     assert abs(ctl.loc["dmn_within_fc", "post"] - ctl.loc["dmn_within_fc", "pre"]) < 0.08
     # population FC of a control is the same at every session
     pre = _relmat(dataset, "ctl01", "preECT", "population").to_numpy()
@@ -188,8 +210,9 @@ def test_maintenance_follows_class(dataset: Path) -> None:
 def test_native_dseg_reproduces_planted_volumes(dataset: Path) -> None:
     anat = dataset / GT / "sub-pat01/ses-postECT/anat"
     dseg = nb.load(anat / f"sub-pat01_ses-postECT_space-T1w_atlas-{ATLAS}_desc-planted_dseg.nii.gz")
-    morph = pd.read_csv(anat / f"sub-pat01_ses-postECT_atlas-{ATLAS}_desc-planted_stat-volume_"
-                        "morph.tsv", sep="\t")
+    morph = pd.read_csv(
+        anat / f"sub-pat01_ses-postECT_atlas-{ATLAS}_desc-planted_stat-volume_morph.tsv", sep="\t"
+    )
     parcels = morph[morph["index"].notna()].astype({"index": int})
     vox = abs(np.linalg.det(dseg.affine[:3, :3]))
     counts = np.bincount(np.asarray(dseg.dataobj).ravel(), minlength=301)[parcels["index"]] * vox
@@ -202,8 +225,13 @@ def test_native_dseg_reproduces_planted_volumes(dataset: Path) -> None:
     assert np.abs(counts[large] / planted[large] - 1).max() < 0.4
     assert counts.sum() / planted.sum() == pytest.approx(1.0, abs=0.02)
     totals = morph[morph["index"].isna()].set_index("name")["volume_mm3"]
-    assert set(totals.index) == {"left_hippocampus", "right_hippocampus", "left_amygdala",
-                                 "right_amygdala", "total_intracranial"}
+    assert set(totals.index) == {
+        "left_hippocampus",
+        "right_hippocampus",
+        "left_amygdala",
+        "right_amygdala",
+        "total_intracranial",
+    }
     assert 1.0e6 < totals["total_intracranial"] < 2.2e6
 
 
@@ -220,8 +248,13 @@ def test_true_transform_maps_native_to_mni(dataset: Path) -> None:
     world = ijk @ dseg.affine[:3, :3].T + dseg.affine[:3, 3]
     inv = np.linalg.inv(xfm.affine)
     grid_ijk = world @ inv[:3, :3].T + inv[:3, 3]
-    mni = np.stack([ndimage.map_coordinates(coords[..., c], grid_ijk.T, order=1, mode="nearest")
-                    for c in range(3)], axis=1)
+    mni = np.stack(
+        [
+            ndimage.map_coordinates(coords[..., c], grid_ijk.T, order=1, mode="nearest")
+            for c in range(3)
+        ],
+        axis=1,
+    )
     atlas = build_default_atlas(2).image
     a_inv = np.linalg.inv(atlas.affine)
     a_ijk = np.rint(mni @ a_inv[:3, :3].T + a_inv[:3, 3]).astype(int)
@@ -246,8 +279,11 @@ def test_dwi_fa_higher_in_bundles_than_grey_matter(dataset: Path) -> None:
 
 
 def test_outliers_fd_matches_motion(dataset: Path) -> None:
-    conf = pd.read_csv(dataset / GT / "sub-pat01/ses-preECT/func/"
-                       "sub-pat01_ses-preECT_task-rest_desc-planted_outliers.tsv", sep="\t")
+    conf = pd.read_csv(
+        dataset / GT / "sub-pat01/ses-preECT/func/"
+        "sub-pat01_ses-preECT_task-rest_desc-planted_outliers.tsv",
+        sep="\t",
+    )
     motion = conf[["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]].to_numpy()
     diff = np.abs(np.diff(motion, axis=0))
     fd = diff[:, :3].sum(1) + 50 * diff[:, 3:].sum(1)

@@ -294,7 +294,7 @@ def _write_func(raw: Path, gt: Path, stem: str, model: MniModel, cfg: SimConfig,
                             ("population", fmodel.population, 2, "Population correlation matrix "
                              "the latent series were drawn from.")):
         path = g / f"{stem}_task-rest_atlas-{ATLAS}_desc-{desc}_stat-pearsoncorrelation_relmat.tsv"
-        write_matrix(path, names, mat, digits=digits)
+        write_matrix(path, names, mat, digits=digits, index_label="Node")
         write_json(path.with_suffix(".json"), _relmat_meta(what, "Pearson correlation", False))
     ts = g / f"{stem}_task-rest_atlas-{ATLAS}_desc-planted_timeseries.tsv.gz"
     write_matrix(ts, names, latents.T, digits=4)
@@ -343,7 +343,7 @@ def _write_dwi(raw: Path, gt: Path, stem: str, model: MniModel, cfg: SimConfig,
     write_nifti(g / f"{stem}_space-dwi_desc-bundles_mask.nii.gz", fibres >= 0.5, grid.affine,
                 grid.shape, dtype="uint8")
     path = g / f"{stem}_atlas-{ATLAS}_desc-planted_stat-bundlecount_relmat.tsv"
-    write_matrix(path, model.table["name"].tolist(), sc, digits=0)
+    write_matrix(path, model.table["name"].tolist(), sc, digits=0, index_label="Node")
     write_json(path.with_suffix(".json"), _relmat_meta(
         "Planted structural connectivity: fibre count of the bundle joining two parcels "
         "(0 = no bundle). Identical at every session of a subject.", "fibre count", True))

@@ -40,7 +40,7 @@ def oracle_fc(root: Path, sub: str, ses: str) -> tuple[float, np.ndarray, np.nda
     bold = nb.load(root / f"sub-{sub}" / f"ses-{ses}" / "func" / f"{stem}_task-rest_bold.nii.gz")
     dseg = nb.load(gt / "anat" / f"{stem}_space-T1w_atlas-{ATLAS}_desc-planted_dseg.nii.gz")
     planted = pd.read_csv(gt / "func" / f"{stem}_task-rest_atlas-{ATLAS}_desc-planted_stat-"
-                          "pearsoncorrelation_relmat.tsv", sep="\t").to_numpy()
+                          "pearsoncorrelation_relmat.tsv", sep="\t", index_col=0).to_numpy()
     conf = pd.read_csv(gt / "func" / f"{stem}_task-rest_desc-planted_outliers.tsv", sep="\t")
     labels = labels_on_grid(dseg, bold).ravel()
     data = np.asarray(bold.dataobj, dtype=np.float32).reshape(-1, bold.shape[3])

@@ -45,9 +45,10 @@ def write_nifti(
     if isinstance(volumes, np.ndarray):
         volumes = [volumes] if volumes.ndim <= 3 else list(np.moveaxis(volumes, -1, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as raw, gzip.GzipFile(
-        filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6
-    ) as gz:
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
+    ):
         gz.write(header.binaryblock)
         gz.write(b"\x00" * 4)  # no extensions
         for vol in volumes:
@@ -93,17 +94,32 @@ def format_array(array: np.ndarray, digits: int) -> str:
     return "\n".join(template % tuple(row) for row in array) + "\n"
 
 
-def write_matrix(path: Path, names: Sequence[str], matrix: np.ndarray, digits: int = 6) -> None:
-    """Numeric table (e.g. an XCP-D style relmat: header of parcel names, no index column).
+def write_matrix(
+    path: Path,
+    names: Sequence[str],
+    matrix: np.ndarray,
+    digits: int = 6,
+    index_label: str | None = None,
+) -> None:
+    """Numeric table with a header of ``names``; with ``index_label``, rows are named too.
 
-    A ``.tsv.gz`` path is gzipped without a timestamp.
+    Relationship matrices take ``index_label="Node"`` (first column of row names), as
+    XCP-D writes them; time series have no index column.  A ``.tsv.gz`` path is
+    gzipped without a timestamp.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = ("\t".join(names) + "\n" + format_array(matrix, digits)).encode()
+    body = format_array(matrix, digits)
+    if index_label is not None:
+        body = "".join(
+            f"{name}\t{line}\n" for name, line in zip(names, body.splitlines(), strict=True)
+        )
+        names = [index_label, *names]
+    text = ("\t".join(names) + "\n" + body).encode()
     if path.name.endswith(".gz"):
-        with open(path, "wb") as raw, gzip.GzipFile(
-            filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9
-        ) as gz:
+        with (
+            open(path, "wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz,
+        ):
             gz.write(text)
     else:
         path.write_bytes(text)
