@@ -136,7 +136,9 @@ def test_relmats_symmetric_unit_diagonal_atlas_names(dataset: Path) -> None:
     assert (bundles["network_a"].eq(DMN) & bundles["network_b"].eq(DMN)).sum() >= 3
     assert (bundles["network_a"] != bundles["network_b"]).any()
     # structure is stable: the same SC at every session
-    sc_post = pd.read_csv(str(sc_path).replace("preECT", "postECT"), sep="\t").to_numpy()
+    sc_post = pd.read_csv(
+        str(sc_path).replace("preECT", "postECT"), sep="\t", index_col=0
+    ).to_numpy()
     np.testing.assert_array_equal(sc, sc_post)
 
 
