@@ -101,26 +101,31 @@ def build_path(
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path`` and move it into place only on success.
-
-    On any exception (including ``OSError: No space left on device``) the temporary
-    file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
+def _replace_on_success(path: Path, suffix: str) -> Iterator[tuple[int, str]]:
+    """A temporary file beside ``path``; renamed onto it on success, removed on any error."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield fd, tmp
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path`` and move it into place only on success.
+
+    On any exception (including ``OSError: No space left on device``) the temporary
+    file is removed and ``path`` is left as it was.
+    """
+    with _replace_on_success(Path(path), ".tmp") as (fd, _), os.fdopen(fd, mode) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
@@ -130,18 +135,10 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
     The temporary name keeps the extension so the writer picks the right format.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffixes = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffixes}", dir=path.parent)
-    os.close(fd)
-    try:
+    with _replace_on_success(path, f".tmp{suffixes}") as (fd, tmp):
+        os.close(fd)
         writer(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return path
 
 
