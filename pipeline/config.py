@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 ANALYSIS_LEVELS = ("participant", "group")
+MODALITIES = ("anat", "func", "dwi")
+#: Streamlines per session: real runs, and ``--sloppy`` runs (tests) unless given.
+DEFAULT_STREAMLINES, SLOPPY_STREAMLINES = 1_000_000, 20_000
 #: Nipype plugins we know by name; any other plugin Nipype can import is accepted too.
 KNOWN_PLUGINS = (
     "MultiProc",
@@ -64,6 +67,23 @@ class Config:
     seed: int = 42
     atlas: list[str] = field(default_factory=lambda: ["Seitzman300"])
     anat_reference: str = "unbiased"
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    derivatives: list[Path] = field(default_factory=list)
+    fmriprep_dir: Path | None = None
+    qsiprep_dir: Path | None = None
+    denoise_strategy: str = "36P"
+    fd_threshold: float | None = None
+    min_minutes: float = 4.0
+    fc_estimators: list[str] = field(default_factory=lambda: ["pearson"])
+    slice_timing: bool = False
+    save_bold: bool = False
+    streamlines: int | None = None
+    tracking: str = "probabilistic"
+    seeding: str = "wm"
+    fod_model: str = "auto"
+    save_tractogram: bool = False
+    graph_density: float | None = None
+    include_flagged: bool = False
     config_file: Path | None = None
 
     def __post_init__(self) -> None:
@@ -85,6 +105,38 @@ class Config:
         self.work_dir = Path(self.work_dir).absolute()
         if self.output_dir == self.bids_dir:
             raise ConfigError("OUTPUT_DIR must differ from BIDS_DIR; write derivatives elsewhere.")
+        unknown = set(self.modalities) - set(MODALITIES)
+        if unknown:
+            raise ConfigError(f"--modalities {sorted(unknown)}: choose among {list(MODALITIES)}.")
+        if self.streamlines is None:
+            self.streamlines = SLOPPY_STREAMLINES if self.sloppy else DEFAULT_STREAMLINES
+        if self.streamlines < 1:
+            raise ConfigError(f"--streamlines {self.streamlines}: must be a positive count.")
+        if self.graph_density is not None and not 0 < self.graph_density <= 1:
+            raise ConfigError(
+                f"--graph-density {self.graph_density}: a proportion in (0, 1], e.g. 0.15."
+            )
+        if self.min_minutes < 0 or (self.fd_threshold is not None and self.fd_threshold <= 0):
+            raise ConfigError("--min-minutes must be >= 0 and --fd-threshold > 0 (mm).")
+        self._sort_derivatives()
+
+    def _sort_derivatives(self) -> None:
+        """Assign each ``--derivatives`` folder to fMRIPrep or QSIPrep from its description."""
+        for path in self.derivatives:
+            path = Path(path).absolute()
+            kind = derivatives_kind(path)
+            if kind == "fmriprep" and self.fmriprep_dir is None:
+                self.fmriprep_dir = path
+            elif kind == "qsiprep" and self.qsiprep_dir is None:
+                self.qsiprep_dir = path
+        for key in ("fmriprep_dir", "qsiprep_dir"):
+            value = getattr(self, key)
+            if value is not None:
+                value = Path(value).absolute()
+                if not value.is_dir():
+                    raise ConfigError(f"{value}: derivatives folder does not exist.")
+                setattr(self, key, value)
+        self.derivatives = [Path(p).absolute() for p in self.derivatives]
 
     def to_toml_dict(self) -> dict[str, Any]:
         """Plain types only, so the file round-trips through ``--config-file``."""
@@ -92,6 +144,8 @@ class Config:
         for key, value in asdict(self).items():
             if value is None:
                 continue
+            if isinstance(value, list):
+                value = [str(v) if isinstance(v, Path) else v for v in value]
             out[key] = str(value) if isinstance(value, Path) else value
         return out
 
@@ -114,6 +168,36 @@ class Config:
                 'e.g. {"bold": {"task": "rest", "acquisition": "mb"}}.'
             )
         return filters
+
+
+def derivatives_kind(path: Path) -> str:
+    """``fmriprep`` or ``qsiprep``, from ``dataset_description.json`` ``GeneratedBy``/``Name``.
+
+    Raises
+    ------
+    ConfigError
+        When the folder is missing, has no readable description, or was made by another tool.
+    """
+    description = Path(path) / "dataset_description.json"
+    try:
+        data = json.loads(description.read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(
+            f"{description}: --derivatives folders must be BIDS-Derivatives with a "
+            "dataset_description.json (fMRIPrep or QSIPrep output)."
+        ) from err
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{description}: not valid JSON ({err}).") from err
+    names = [str(g.get("Name", "")) for g in data.get("GeneratedBy", []) if isinstance(g, dict)]
+    names.append(str(data.get("Name", "")))
+    text = " ".join(names).lower()
+    for kind in ("fmriprep", "qsiprep"):
+        if kind in text:
+            return kind
+    raise ConfigError(
+        f"{description}: GeneratedBy names {names}; Trajectome reads fMRIPrep or QSIPrep "
+        "derivatives (use --fmriprep-dir/--qsiprep-dir to force one)."
+    )
 
 
 def _parse_value(text: str) -> Any:
@@ -266,6 +350,79 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("unbiased", "first", "sessionwise"),
         help="within-subject anatomical reference (default: unbiased template)",
     )
+    proc.add_argument(
+        "--modalities",
+        nargs="+",
+        choices=MODALITIES,
+        help="what to process (default: anat func dwi; func/dwi need anat unless derivatives)",
+    )
+    proc.add_argument(
+        "--derivatives",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="fMRIPrep and/or QSIPrep output folders to start from (told apart by their "
+        "dataset_description.json)",
+    )
+    proc.add_argument("--fmriprep-dir", type=Path, help="fMRIPrep output folder (explicit)")
+    proc.add_argument("--qsiprep-dir", type=Path, help="QSIPrep output folder (explicit)")
+
+    func = parser.add_argument_group("functional connectome")
+    func.add_argument(
+        "--denoise-strategy",
+        metavar="NAME_OR_YAML",
+        help="24P, 36P (default), acompcor, acompcor_gsr, or a strategy YAML file",
+    )
+    func.add_argument(
+        "--fd-threshold", type=float, help="censor volumes above this FD, mm (strategy default)"
+    )
+    func.add_argument(
+        "--min-minutes",
+        type=float,
+        help="flag sessions with less uncensored data (minutes; default 4)",
+    )
+    func.add_argument(
+        "--fc-estimators",
+        nargs="+",
+        choices=("pearson", "partial", "ledoit_wolf"),
+        help="connectivity estimators (default pearson)",
+    )
+    func.add_argument(
+        "--slice-timing", action="store_true", default=None, help="slice-timing correction"
+    )
+    func.add_argument(
+        "--save-bold", action="store_true", default=None, help="also write the MNI-space BOLD"
+    )
+
+    dwi = parser.add_argument_group("structural connectome")
+    dwi.add_argument(
+        "--streamlines", type=int, help="streamlines per session (default 1000000; sloppy 20000)"
+    )
+    dwi.add_argument("--tracking", choices=("probabilistic", "deterministic"))
+    dwi.add_argument(
+        "--seeding", choices=("wm", "gmwmi"), help="seed in WM or at the GM/WM interface"
+    )
+    dwi.add_argument(
+        "--fod-model",
+        choices=("auto", "csd", "msmt_csd", "csa"),
+        help="fibre orientation model (auto: chosen from the shells and directions)",
+    )
+    dwi.add_argument(
+        "--save-tractogram", action="store_true", default=None, help="write the tractogram (TCK)"
+    )
+
+    net = parser.add_argument_group("network metrics and statistics")
+    net.add_argument(
+        "--graph-density",
+        type=float,
+        help="proportional threshold for graph measures (default: all positive weights)",
+    )
+    net.add_argument(
+        "--include-flagged",
+        action="store_true",
+        default=None,
+        help="keep QC-flagged sessions in group statistics",
+    )
     return parser
 
 
@@ -316,9 +473,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         values["session_roles"] = parse_session_roles(roles)
     elif isinstance(roles, dict):
         values["session_roles"] = parse_session_roles([f"{k}={v}" for k, v in roles.items()])
-    for key in ("work_dir", "bids_filter_file"):
+    for key in ("work_dir", "bids_filter_file", "fmriprep_dir", "qsiprep_dir"):
         if values.get(key) is not None:
             values[key] = Path(values[key])
+    if values.get("derivatives") is not None:
+        items = values["derivatives"]
+        values["derivatives"] = [Path(p) for p in ([items] if isinstance(items, str) else items)]
     for key in ("participant_label", "session_label"):
         if isinstance(values.get(key), str):
             values[key] = [values[key]]

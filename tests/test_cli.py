@@ -35,10 +35,31 @@ def no_anatomy(monkeypatch):
     """The builder's 4x5x6 images cannot be registered; these tests are about the CLI's
     mechanics (labels, exit codes, failure isolation, provenance).  The anatomical
     workflow runs for real in test_integration.py on the example dataset."""
-    from workflows import base
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    from workflows import base, dwi, func
+    from workflows.anat import SESSION_OUTPUTS
     from workflows.engine import Workflow
 
-    monkeypatch.setattr(base, "init_anat_wf", lambda **kwargs: Workflow(name="anat_wf"))
+    def identity(name, fields):
+        return pe.Node(niu.IdentityInterface(fields=list(fields)), name=name)
+
+    def fake_anat(**kwargs):
+        workflow = Workflow(name="anat_wf")
+        workflow.add_nodes([identity(f"outputnode_ses_{s.label}", SESSION_OUTPUTS)
+                            for s in kwargs["sessions"]])
+        return workflow
+
+    def fake_connectome(**kwargs):
+        workflow = Workflow(name=kwargs["name"])
+        workflow.add_nodes([identity("inputnode", SESSION_OUTPUTS)])
+        return workflow
+
+    monkeypatch.setattr(base, "init_anat_wf", fake_anat)
+    monkeypatch.setattr(func, "init_func_wf", fake_connectome)
+    monkeypatch.setattr(dwi, "init_dwi_wf", fake_connectome)
+    monkeypatch.setattr(base, "_add_session_metrics", lambda *args, **kwargs: None)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from bids_builder import SessionSpec, build_bids
 
 from pipeline.bids import collect_subjects
 from workflows.anat import AtlasFiles
-from workflows.base import init_trajectome_wf
+from workflows.base import Options, init_trajectome_wf
 from workflows.engine import collect_methods
 
 
@@ -32,7 +32,7 @@ def test_graph_builds_for_every_anat_reference(subjects, tmp_path, sloppy, anat_
         output_dir=tmp_path,
         version="1.2.3",
         atlases=[atlas],
-        anat_reference=anat_reference,
+        options=Options(modalities=("anat",), anat_reference=anat_reference),
         omp_nthreads=2,
         sloppy=sloppy,
     )
@@ -45,7 +45,10 @@ def test_graph_builds_for_every_anat_reference(subjects, tmp_path, sloppy, anat_
         "sub_01_wf.anat_wf.subject_template",
         "sub_01_wf.anat_wf.volumes_Test_ses_pre",
         "sub_01_wf.anat_wf.ds_ses_post_Test_T1w_dseg",
+        "sub_01_wf.metrics_Test_ses_pre",
+        "sub_01_wf.ds_metrics_Test_ses_post",
     } <= names
+    assert not any("func_" in n or "dwi_" in n for n in names)
     shared = "sub_01_wf.anat_wf.template_to_mni" in names
     assert shared == (anat_reference != "sessionwise")
     # sub-02 has no T1w: no anatomy, but its sessions table is still written

@@ -23,7 +23,9 @@ from workflows.interfaces.anat import (
 )
 
 #: Fields every session's ``outputnode_<label>`` offers to the functional and diffusion workflows.
-SESSION_OUTPUTS = ("t1w_preproc", "brain_mask", "gm", "wm", "csf", "to_mni", "atlas_native")
+SESSION_OUTPUTS = (
+    "t1w_preproc", "brain_mask", "gm", "wm", "csf", "to_mni", "atlas_native", "volumes",
+)
 
 VOLUME_COLUMNS = {
     "region": "Atlas parcel name, or hippocampus/amygdala per hemisphere, TICV, GM, WM, CSF.",
@@ -174,10 +176,12 @@ def init_anat_wf(
             )
 
         merge_atlases = pe.Node(niu.Merge(len(atlases)), name=f"atlases_{key}")
+        merge_volumes = pe.Node(niu.Merge(len(atlases)), name=f"merge_volumes_{key}")
         merge_tissues = pe.Node(niu.Merge(3), name=f"tissues_{key}")
         workflow.connect([
             (preproc[key], merge_tissues, [("gm", "in1"), ("wm", "in2"), ("csf", "in3")]),
             (merge_atlases, outputnode, [("out", "atlas_native")]),
+            (merge_volumes, outputnode, [("out", "volumes")]),
         ])  # fmt: skip
         for a_index, atlas in enumerate(atlases, start=1):
             warp = pe.Node(
@@ -193,6 +197,7 @@ def init_anat_wf(
                 (preproc[key], warp, [("t1w_preproc", "reference")]),
                 (warp, merge_atlases, [("out_file", f"in{a_index}")]),
                 (warp, volumes, [("out_file", "native_labels")]),
+                (volumes, merge_volumes, [("out_file", f"in{a_index}")]),
                 (preproc[key], volumes, [("brain_mask", "brain_mask")]),
                 (merge_tissues, volumes, [("out", "tissues")]),
             ])  # fmt: skip

@@ -3,14 +3,62 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from pipeline.bids import Subject
+from pipeline.bids import Session, Subject
 from workflows.anat import AtlasFiles, init_anat_wf
 from workflows.engine import Workflow
 from workflows.interfaces import DerivativesSink, RecordsToTSV
+from workflows.interfaces.metrics import SessionMetrics
+
+
+@dataclass(frozen=True)
+class FuncOptions:
+    """Options of the functional-connectome workflow (see :func:`workflows.func.init_func_wf`)."""
+
+    strategy: str = "36P"
+    fd_threshold: float | None = None
+    min_minutes: float = 4.0
+    estimators: tuple[str, ...] = ("pearson",)
+    slice_timing: bool = False
+    save_bold: bool = False
+    fmriprep_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class DwiOptions:
+    """Options of the diffusion-connectome workflow (see :func:`workflows.dwi.init_dwi_wf`)."""
+
+    n_streamlines: int = 1_000_000
+    tracking: str = "probabilistic"
+    seeding: str = "wm"
+    fod_model: str = "auto"
+    save_tractogram: bool = False
+    qsiprep_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """Options of the per-session metrics (see :mod:`pipeline.session_metrics`)."""
+
+    graph_density: float | None = None
+    n_boot: int = 100
+    n_consensus: int = 100
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to process and how: everything the subject workflows need besides the data."""
+
+    modalities: tuple[str, ...] = ("anat", "func", "dwi")
+    anat_reference: str = "unbiased"
+    func: FuncOptions = field(default_factory=FuncOptions)
+    dwi: DwiOptions = field(default_factory=DwiOptions)
+    metrics: MetricOptions = field(default_factory=MetricOptions)
 
 SESSION_COLUMNS = {
     "session_id": "Session label with its 'ses-' prefix.",
@@ -35,7 +83,7 @@ def init_trajectome_wf(
     output_dir: Path,
     version: str,
     atlases: list[AtlasFiles] | None = None,
-    anat_reference: str = "unbiased",
+    options: Options | None = None,
     omp_nthreads: int = 1,
     sloppy: bool = False,
     seed: int = 42,
@@ -52,9 +100,9 @@ def init_trajectome_wf(
         Trajectome version; the workflow name carries major.minor so a work directory
         left by another version is never reused.
     atlases : list of AtlasFiles, optional
-        Atlases in template space; without any, no anatomical workflow is built.
-    anat_reference : str
-        ``unbiased``, ``first`` or ``sessionwise`` (see :func:`workflows.anat.init_anat_wf`).
+        Atlases in template space; without any, only the sessions tables are built.
+    options : Options, optional
+        Modalities and per-workflow options (defaults: everything, default settings).
     omp_nthreads : int
         Threads per process for multithreaded nodes.
     sloppy : bool
@@ -74,7 +122,7 @@ def init_trajectome_wf(
             subject=subject,
             output_dir=output_dir,
             atlases=atlases or [],
-            anat_reference=anat_reference,
+            options=options or Options(),
             omp_nthreads=omp_nthreads,
             sloppy=sloppy,
             seed=seed,
@@ -100,17 +148,42 @@ def session_records(subject: Subject) -> list[dict]:
     ]
 
 
+def anatomy_session(subject: Subject, session: Session) -> Session | None:
+    """The session whose T1w serves ``session``: itself, else the nearest in time with one.
+
+    A session holding only BOLD or DWI still gets connectomes, coregistered to the same
+    subject's anatomy from another session (ties go to the earlier session).
+    """
+    if session.t1w:
+        return session
+    candidates = [s for s in subject.sessions if s.t1w]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda s: (abs(s.order - session.order), s.order))
+
+
+def _session_key(session: Session) -> str:
+    return f"ses_{node_label(session.label)}" if session.label else "single"
+
+
 def init_single_subject_wf(
     *,
     subject: Subject,
     output_dir: Path,
     atlases: list[AtlasFiles],
-    anat_reference: str = "unbiased",
+    options: Options | None = None,
     omp_nthreads: int = 1,
     sloppy: bool = False,
     seed: int = 42,
 ) -> Workflow:
-    """Everything for one subject: its sessions table and the anatomical workflow."""
+    """Everything for one subject: sessions table, anatomy, connectomes and metrics per session.
+
+    Sessions without a T1w of their own use the nearest session's anatomy
+    (:func:`anatomy_session`); a subject without any T1w gets functional connectomes
+    only from fMRIPrep derivatives (the raw paths need the anatomy) and no structural
+    connectome.
+    """
+    options = options or Options()
     workflow = Workflow(name=node_label(f"sub_{subject.label}_wf"))
     records = session_records(subject)
     sessions_tsv = pe.Node(
@@ -129,18 +202,105 @@ def init_single_subject_wf(
         run_without_submitting=True,
     )
     workflow.connect(sessions_tsv, "out_file", ds_sessions, "in_file")
+    if not atlases:
+        return workflow
 
     anat_sessions = [s for s in subject.sessions if s.t1w]
-    if atlases and anat_sessions:
+    anat_wf = None
+    if anat_sessions and (set(options.modalities) & {"anat", "func", "dwi"}):
         anat_wf = init_anat_wf(
             subject=subject.label,
             sessions=anat_sessions,
             atlases=atlases,
             output_dir=output_dir,
-            anat_reference=anat_reference,
+            anat_reference=options.anat_reference,
             omp_nthreads=omp_nthreads,
             sloppy=sloppy,
             seed=seed,
         )
         workflow.add_nodes([anat_wf])
+
+    for session in subject.sessions:
+        source = anatomy_session(subject, session)
+        anat_out = f"outputnode_{_session_key(source)}" if source and anat_wf else None
+        func_wf = dwi_wf = None
+        fopt, dopt = options.func, options.dwi
+        if "func" in options.modalities and session.bold and (anat_out or fopt.fmriprep_dir):
+            from workflows.func import INPUT_FIELDS, init_func_wf
+
+            func_wf = init_func_wf(
+                session=session, bold_runs=list(session.bold), atlases=atlases,
+                output_dir=output_dir, strategy=fopt.strategy, fd_threshold=fopt.fd_threshold,
+                min_minutes=fopt.min_minutes, estimators=list(fopt.estimators),
+                omp_nthreads=omp_nthreads, sloppy=sloppy, seed=seed,
+                fmriprep_dir=fopt.fmriprep_dir, slice_timing=fopt.slice_timing,
+                save_bold=fopt.save_bold, name=f"func_{_session_key(session)}_wf",
+            )
+            if anat_out:
+                for name in INPUT_FIELDS:
+                    workflow.connect(anat_wf, f"{anat_out}.{name}", func_wf, f"inputnode.{name}")
+        if "dwi" in options.modalities and session.dwi and anat_out:
+            from workflows.dwi import init_dwi_wf
+
+            dwi_wf = init_dwi_wf(
+                session=session, dwi_runs=list(session.dwi), atlases=atlases,
+                output_dir=output_dir, n_streamlines=dopt.n_streamlines,
+                tracking=dopt.tracking, seeding=dopt.seeding, fod_model=dopt.fod_model,
+                save_tractogram=dopt.save_tractogram, omp_nthreads=omp_nthreads,
+                sloppy=sloppy, seed=seed, qsiprep_dir=dopt.qsiprep_dir,
+                name=f"dwi_{_session_key(session)}_wf",
+            )
+            for name in ("t1w_preproc", "brain_mask", "gm", "wm", "csf", "atlas_native"):
+                workflow.connect(anat_wf, f"{anat_out}.{name}", dwi_wf, f"inputnode.{name}")
+        own_anat = session.t1w and anat_wf is not None
+        if func_wf or dwi_wf or own_anat:
+            _add_session_metrics(
+                workflow, session=session, atlases=atlases, output_dir=output_dir,
+                anat_wf=anat_wf if own_anat else None, anat_out=anat_out,
+                func_wf=func_wf, dwi_wf=dwi_wf, options=options.metrics, seed=seed,
+            )
     return workflow
+
+
+def _add_session_metrics(
+    workflow: Workflow, *, session: Session, atlases: list[AtlasFiles], output_dir: Path,
+    anat_wf: Workflow | None, anat_out: str | None, func_wf: Workflow | None,
+    dwi_wf: Workflow | None, options: MetricOptions, seed: int,
+) -> None:
+    """One SessionMetrics node per atlas, fed by whatever the session produced."""
+    key = _session_key(session)
+    for index, atlas in enumerate(atlases):
+        node = pe.Node(
+            SessionMetrics(atlas_table=str(atlas.table), graph_density=options.graph_density,
+                           n_boot=options.n_boot, n_consensus=options.n_consensus, seed=seed),
+            name=f"metrics_{node_label(atlas.name)}_{key}",
+        )
+        node.n_procs, node._mem_gb = 1, 1.0
+        sources = []
+        if func_wf is not None:
+            sources += [(func_wf, "outputnode.pearson", "fc_relmat"),
+                        (func_wf, "outputnode.timeseries", "fc_timeseries")]
+        if dwi_wf is not None:
+            sources += [(dwi_wf, "outputnode.volumenormalizedcount", "sc_relmat"),
+                        (dwi_wf, "outputnode.streamlinecount", "sc_counts")]
+        if anat_wf is not None:
+            sources += [(anat_wf, f"{anat_out}.volumes", "volumes")]
+        for source, field_name, target in sources:
+            pick = pe.Node(niu.Select(index=[index]), name=f"pick_{target}_{node.name}")
+            workflow.connect([
+                (source, pick, [(field_name, "inlist")]),
+                (pick, node, [("out", target)]),
+            ])  # fmt: skip
+        sink = pe.Node(
+            DerivativesSink(
+                base_directory=str(output_dir),
+                entities={**session.bids_entities, "atlas": atlas.name, "desc": "network"},
+                suffix="metrics",
+                extension=".tsv",
+            ),
+            name=f"ds_{node.name}",
+            run_without_submitting=True,
+        )
+        workflow.connect([
+            (node, sink, [("out_file", "in_file"), ("out_meta", "meta_dict")]),
+        ])  # fmt: skip

@@ -139,6 +139,58 @@ def prepare_atlases(config: Config) -> list[AtlasFiles]:
     return files
 
 
+def workflow_options(config: Config):
+    """The workflow factories' options from the resolved configuration."""
+    from workflows.base import DwiOptions, FuncOptions, MetricOptions, Options
+
+    return Options(
+        modalities=tuple(config.modalities),
+        anat_reference=config.anat_reference,
+        func=FuncOptions(
+            strategy=config.denoise_strategy,
+            fd_threshold=config.fd_threshold,
+            min_minutes=config.min_minutes,
+            estimators=tuple(config.fc_estimators),
+            slice_timing=config.slice_timing,
+            save_bold=config.save_bold,
+            fmriprep_dir=config.fmriprep_dir,
+        ),
+        dwi=DwiOptions(
+            n_streamlines=config.streamlines,
+            tracking=config.tracking,
+            seeding=config.seeding,
+            fod_model=config.fod_model,
+            save_tractogram=config.save_tractogram,
+            qsiprep_dir=config.qsiprep_dir,
+        ),
+        metrics=MetricOptions(
+            graph_density=config.graph_density,
+            n_boot=20 if config.sloppy else 100,
+            n_consensus=10 if config.sloppy else 100,
+        ),
+    )
+
+
+def anatomy_gaps(subjects: list[Subject], config: Config) -> list[Failure]:
+    """Sessions whose connectomes cannot be built because the subject has no usable T1w."""
+    gaps = []
+    for subject in subjects:
+        if any(s.t1w for s in subject.sessions):
+            continue
+        for session in subject.sessions:
+            label = session.label or ""
+            if "func" in config.modalities and session.bold and config.fmriprep_dir is None:
+                gaps.append(Failure(subject.label, label, "functional connectome",
+                                    "no usable T1w in any session of this subject; the BOLD "
+                                    "runs need one for registration (add a T1w, or start "
+                                    "from fMRIPrep outputs with --fmriprep-dir)"))
+            if "dwi" in config.modalities and session.dwi:
+                gaps.append(Failure(subject.label, label, "structural connectome",
+                                    "no usable T1w in any session of this subject; "
+                                    "tractography needs its tissues and native atlas"))
+    return gaps
+
+
 def report_failures(failures: list[Failure], crash_dir: Path) -> None:
     """Log the end-of-run summary of everything that failed."""
     LOGGER.error("%d step(s) failed; everything else finished:", len(failures))
@@ -167,12 +219,13 @@ def run_participant(config: Config, run_id: str) -> int:
     failures: list[Failure] = []
     if not config.boilerplate_only:
         subjects, failures = preflight(subjects)
+    failures += anatomy_gaps(subjects, config)
     workflow = init_trajectome_wf(
         subjects=subjects,
         output_dir=config.output_dir,
         version=package_version(),
         atlases=prepare_atlases(config),
-        anat_reference=config.anat_reference,
+        options=workflow_options(config),
         omp_nthreads=config.omp_nthreads,
         sloppy=config.sloppy,
         seed=config.seed,
