@@ -8,7 +8,7 @@ EXAMPLE ?= bids_examples/ds-ect
 OUT ?= out/ds-ect
 WORK ?= work/ds-ect
 
-.PHONY: example test venv clean
+.PHONY: example test test-slow venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is required")'
@@ -26,6 +26,10 @@ example: venv
 test: venv
 	$(BIN)/ruff check pipeline workflows tests bench
 	$(BIN)/python -m pytest
+
+# Ground-truth runs too long for every CI stop (anatomy on 2 mm data: ~10 min on 2 cores)
+test-slow: venv
+	$(BIN)/python -m pytest -m slow
 
 clean:
 	rm -rf $(VENV) out work

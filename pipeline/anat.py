@@ -17,7 +17,8 @@ Two estimates of a parcel's native-space volume are provided:
 
 The tests plant a +5 % hippocampal expansion on a 3 mm grid and measure both;
 Jacobian integration is the recommended estimate for longitudinal change (see
-``tests/test_anat.py`` and the project report for the numbers).  Total
+``tests/test_anat.py``; ``tests/test_anat_groundtruth.py`` and ``bench/bench_anat.py``
+score it against the simulator's planted volumes on 2 mm data).  Total
 intracranial volume (TICV) is the brain-mask volume (GM + WM + CSF inside the
 mask, which is the same thing as the mask holds every tissue).
 """

@@ -52,13 +52,19 @@ REGISTRATION_SETTINGS: dict[str, dict[str, dict]] = {
             "metric": "CC", "param": 4, "step": 0.1, "update_sigma": 3.0, "total_sigma": 0.0,
             "iterations": (100, 70, 50, 20), "shrink": (8, 4, 2, 1), "smooth": (3, 2, 1, 0),
         },
-        # within-subject SyN: same contrast, so mean squares; the total-field smoothing
-        # keeps resampling noise from showing up as volume change
+        # within-subject SyN: same contrast after differential bias correction, so mean
+        # squares; no total-field smoothing (it shrank the planted +4.8 % hippocampal change
+        # to +1 % on ds-ect); 30 full-resolution iterations let sub-voxel changes converge
         "syn_longitudinal": {
-            "metric": "CC", "param": 2, "step": 0.1, "update_sigma": 3.0, "total_sigma": 1.0,
-            "iterations": (100, 70, 50, 20), "shrink": (8, 4, 2, 1), "smooth": (3, 2, 1, 0),
+            "metric": "MeanSquares", "param": 0, "step": 0.25, "update_sigma": 3.0,
+            "total_sigma": 0.0, "iterations": (30, 30, 30), "shrink": (4, 2, 1),
+            "smooth": (2, 1, 0),
         },
-        "template": {"iterations": 4},
+        # interpolation: sessions go onto the template grid with a windowed sinc, as linear
+        # interpolation blurs each session by its own sub-voxel offset (seen as volume change);
+        # dbc_sigma_mm: width of the differential bias correction (Lewis & Fox 2004)
+        "template": {"iterations": 4, "interpolation": "lanczosWindowedSinc",
+                     "dbc_sigma_mm": 10.0},
         "n4": {"shrink": 4, "iterations": (50, 50, 50, 50), "spline_mm": 100},
         "convergence": {"threshold": 1e-6, "window": 10},
     },
@@ -76,11 +82,12 @@ REGISTRATION_SETTINGS: dict[str, dict[str, dict]] = {
             "iterations": (30, 20, 10), "shrink": (4, 2, 1), "smooth": (2, 1, 0),
         },
         "syn_longitudinal": {
-            "metric": "MeanSquares", "param": 0, "step": 0.2, "update_sigma": 3.0,
-            "total_sigma": 1.0, "iterations": (30, 20, 10), "shrink": (4, 2, 1),
+            "metric": "MeanSquares", "param": 0, "step": 0.25, "update_sigma": 3.0,
+            "total_sigma": 0.0, "iterations": (30, 30, 30), "shrink": (4, 2, 1),
             "smooth": (2, 1, 0),
         },
-        "template": {"iterations": 3},
+        "template": {"iterations": 3, "interpolation": "lanczosWindowedSinc",
+                     "dbc_sigma_mm": 10.0},
         "n4": {"shrink": 2, "iterations": (20, 20), "spline_mm": 100},
         "convergence": {"threshold": 1e-6, "window": 10},
     },
@@ -576,7 +583,7 @@ def _template_grid(images: Sequence[nb.Nifti1Image], shifts: Sequence[np.ndarray
         if msk is not None and (np.asarray(msk.dataobj) > 0).any():
             ijk = np.argwhere(np.asarray(msk.dataobj) > 0)
             lo, hi = ijk.min(0), ijk.max(0)
-            box = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1).T
+            box = np.array(np.meshgrid(*zip(lo, hi, strict=True), indexing="ij")).reshape(3, -1).T
             corners.append(nb.affines.apply_affine(msk.affine, box) - shift)
             continue
         shape = np.asarray(img.shape[:3]) - 1
@@ -632,8 +639,10 @@ def build_subject_template(
     averaged; then, ``iterations`` times, every session is rigidly registered to the
     current average, the log-Euclidean mean of the session transforms is removed
     (so the template sits at the centre of the sessions, none privileged) and the
-    template is re-averaged.  Finally, when ``nonlinear``, each session gets a SyN
-    warp to the template, which carries the within-subject anatomical change.
+    template is re-averaged.  Finally, when ``nonlinear``, each session is resampled
+    once on the template grid (windowed sinc), its residual bias matched to the template
+    (:func:`differential_bias_correction`), and given a SyN warp to the template, which
+    carries the within-subject anatomical change.
 
     ``first``: the first session is the template (transforms of the others are
     rigid + SyN to it; the first gets the identity).  ``sessionwise``: no common
@@ -676,6 +685,8 @@ def build_subject_template(
     work.mkdir(parents=True, exist_ok=True)
     conf = get_settings(settings)
     common = dict(settings=conf, work_dir=work, seed=seed, n_threads=n_threads)
+    interpolation = conf["template"].get("interpolation", "linear")
+    dbc_sigma = conf["template"].get("dbc_sigma_mm", 0.0)
 
     if mode == "sessionwise":
         transforms = [identity_transform(work, source=n, target=n) for n in names]
@@ -685,6 +696,7 @@ def build_subject_template(
     if mode == "first":
         template = norm[0]
         tmask = msks[0]
+        resampled = None
         rigid = [identity_transform(work, source=names[0], target="template")]
         for k in range(1, len(imgs)):
             tx, _ = register(template, norm[k], stages=("rigid",), fixed_mask=tmask,
@@ -709,8 +721,12 @@ def build_subject_template(
                 _affine_transform(m, work / f"{n}_to_template.mat", n, "template")
                 for m, n in zip(matrices, names, strict=True)
             ]
-            template, tmask = _average(norm, msks, rigid, grid, n_threads)
-            if it == n_iter:
+            # intermediate averages only steer the rigid fits: linear is enough there, and the
+            # windowed sinc (~10x slower) is kept for the final average the warps use
+            final = it == n_iter
+            template, tmask, resampled = _average(norm, msks, rigid, grid, n_threads,
+                                                  interpolation if final else "linear")
+            if final:
                 break
             matrices = []
             for k in range(len(imgs)):
@@ -726,24 +742,62 @@ def build_subject_template(
     if not nonlinear:
         return SubjectTemplate(mode, template, tmask, rigid)
     transforms = []
+    syn_conf = {**conf, "syn": conf["syn_longitudinal"]}
     for k, tx in enumerate(rigid):
         if mode == "first" and k == 0:
             transforms.append(tx)
             continue
-        warp, _ = register(template, norm[k], stages=("syn",), initial=tx, fixed_mask=tmask,
-                           moving_mask=msks[k], prefix=f"{names[k]}_syn_",
-                           source=names[k], target="template",
-                           **{**common, "settings": {**conf, "syn": conf["syn_longitudinal"]}})
-        transforms.append(warp)
+        # each session is registered on the template grid, resampled once (sinc) and with
+        # its residual bias matched to the template, so that the warp sees anatomy only
+        moved = resampled[k] if resampled is not None else apply_transform(
+            norm[k], tx, template, interpolation=interpolation, n_threads=n_threads)
+        if dbc_sigma > 0 and tmask is not None:
+            moved = differential_bias_correction(moved, template, tmask, sigma_mm=dbc_sigma)
+        warp, _ = register(template, moved, stages=("syn",), initial=None, fixed_mask=tmask,
+                           moving_mask=tmask, prefix=f"{names[k]}_syn_",
+                           source=names[k], target="template", **{**common, "settings": syn_conf})
+        transforms.append(tx.then(warp))
     return SubjectTemplate(mode, template, tmask, transforms)
 
 
-def _average(images, masks, transforms, grid, n_threads):
-    """Mean of the sessions resampled on ``grid``; majority vote of their masks."""
+def differential_bias_correction(
+    image: nb.Nifti1Image, reference: nb.Nifti1Image, mask: nb.Nifti1Image,
+    *, sigma_mm: float = 10.0,
+) -> nb.Nifti1Image:
+    """Scale ``image`` by the smooth ratio ``reference / image`` inside ``mask``.
+
+    Both images share one grid (a session rigidly resampled on its subject template).
+    The ratio of their Gaussian-smoothed (normalised convolution within the mask)
+    intensities removes the residual bias-field difference N4 leaves between sessions,
+    which a mean-squares warp would otherwise explain as volume change (the
+    differential bias correction of Lewis & Fox, 2004).
+    """
+    from scipy import ndimage
+
+    if image.shape[:3] != reference.shape[:3] or image.shape[:3] != mask.shape[:3]:
+        raise ValueError("differential_bias_correction: image, reference and mask must share "
+                         "one grid; resample them first.")
+    inside = (np.asarray(mask.dataobj) > 0).astype(np.float64)
+    sigma = sigma_mm / np.asarray(image.header.get_zooms()[:3], float)
+    weight = np.maximum(ndimage.gaussian_filter(inside, sigma), 1e-3)
+    data = np.asarray(image.dataobj, np.float64)
+    ref = np.asarray(reference.dataobj, np.float64)
+    smooth_img = ndimage.gaussian_filter(data * inside, sigma) / weight
+    smooth_ref = ndimage.gaussian_filter(ref * inside, sigma) / weight
+    ratio = np.where(smooth_img > 1e-6, smooth_ref / np.maximum(smooth_img, 1e-6), 1.0)
+    return nb.Nifti1Image((data * ratio).astype(np.float32), image.affine)
+
+
+def _average(images, masks, transforms, grid, n_threads, interpolation="linear"):
+    """Mean of the sessions resampled on ``grid``, majority vote of their masks, and the
+    resampled sessions themselves (reused as the inputs of the longitudinal warps)."""
     total = np.zeros(grid.shape, np.float64)
     votes = np.zeros(grid.shape, np.float64)
+    resampled = []
     for img, msk, tx in zip(images, masks, transforms, strict=True):
-        total += np.asarray(apply_transform(img, tx, grid, n_threads=n_threads).dataobj)
+        resampled.append(apply_transform(img, tx, grid, interpolation=interpolation,
+                                         n_threads=n_threads))
+        total += np.asarray(resampled[-1].dataobj)
         if msk is not None:
             warped = apply_transform(nb.Nifti1Image(
                 (np.asarray(msk.dataobj) > 0).astype(np.float32), msk.affine), tx, grid,
@@ -751,9 +805,9 @@ def _average(images, masks, transforms, grid, n_threads):
             votes += np.asarray(warped.dataobj)
     template = nb.Nifti1Image((total / len(images)).astype(np.float32), grid.affine)
     if all(m is None for m in masks):
-        return template, None
+        return template, None, resampled
     mask = nb.Nifti1Image((votes / len(images) >= 0.5).astype(np.uint8), grid.affine)
-    return template, mask
+    return template, mask, resampled
 
 
 # --------------------------------------------------------------------------- MNI and atlases
