@@ -150,7 +150,7 @@ def test_concatenate_and_qc(rng):
 
 
 def test_builtin_strategies_match_fmriprep_columns(rng):
-    assert {"24P", "36P", "acompcor", "acompcor_gsr"} <= set(dn.builtin_strategies())
+    assert {"8P", "24P", "36P", "acompcor", "acompcor_gsr"} <= set(dn.builtin_strategies())
     shape, n_t = (7, 8, 9), 30
     data = rng.normal(400, 4, (*shape, n_t))
     wm = np.zeros(shape, bool)
@@ -159,7 +159,7 @@ def test_builtin_strategies_match_fmriprep_columns(rng):
     csf[1:6, 4:7, 1:8] = True
     table = cf.build_confounds(data, rng.normal(0, 0.1, (n_t, 6)), TR,
                                brain_mask=np.ones(shape, bool), wm_mask=wm, csf_mask=csf)
-    sizes = {"24P": 24, "36P": 36, "acompcor": 22, "acompcor_gsr": 24}
+    sizes = {"8P": 8, "24P": 24, "36P": 36, "acompcor": 22, "acompcor_gsr": 24}
     for name, size in sizes.items():
         s = dn.load_strategy(name)
         assert len(dn.select_confounds(s, table)) == size

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tr", type=float, help="BOLD repetition time (s)")
     p.add_argument("--directions", type=int, help="DWI diffusion directions")
     p.add_argument("--bval", type=int, help="DWI b-value (s/mm2)")
+    p.add_argument("--fmriprep", action="store_true",
+                   help="also write simulated fMRIPrep outputs (planted motion, true transforms) "
+                        "to OUT/derivatives/fmriprep")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     return p
 
@@ -48,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             anat_res=args.anat_res, func_res=args.func_res, dwi_res=args.dwi_res,
             volumes=args.volumes, tr=args.tr, directions=args.directions, bval=args.bval,
         )
+        if args.fmriprep:
+            from pipeline.simulate.fmriprep import write_fmriprep
+
+            write_fmriprep(root)
     except ValueError as err:
         print(f"trajectome-simulate: error: {err}", file=sys.stderr)
         return 2
