@@ -58,6 +58,7 @@ class Config:
     work_dir: Path | None = None
     nprocs: int = 0
     omp_nthreads: int = 0
+    registration_nthreads: int = 1
     mem_gb: float | None = None
     plugin: str = "MultiProc"
     plugin_args: dict[str, Any] = field(default_factory=dict)
@@ -71,7 +72,7 @@ class Config:
     derivatives: list[Path] = field(default_factory=list)
     fmriprep_dir: Path | None = None
     qsiprep_dir: Path | None = None
-    denoise_strategy: str = "36P"
+    denoise_strategy: str = "8P"
     fd_threshold: float | None = None
     min_minutes: float = 4.0
     fc_estimators: list[str] = field(default_factory=lambda: ["pearson"])
@@ -81,6 +82,7 @@ class Config:
     tracking: str = "probabilistic"
     seeding: str = "wm"
     fod_model: str = "auto"
+    stopping: str = "cmc"
     save_tractogram: bool = False
     graph_density: float | None = None
     include_flagged: bool = False
@@ -315,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--omp-nthreads", type=int, help="threads per process (default: min(nprocs, 8))"
     )
+    run.add_argument(
+        "--registration-nthreads",
+        type=int,
+        help="threads of each ANTs registration (default 1: multithreaded ANTs registration "
+        "is not bit-reproducible; more is faster, capped at --omp-nthreads)",
+    )
     run.add_argument("--mem-gb", type=float, help="memory available to the scheduler, GB")
     run.add_argument(
         "--plugin", help="Nipype execution plugin (MultiProc, Linear, SLURMGraph, ...)"
@@ -371,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     func.add_argument(
         "--denoise-strategy",
         metavar="NAME_OR_YAML",
-        help="24P, 36P (default), acompcor, acompcor_gsr, or a strategy YAML file",
+        help="8P (default: motion, WM, CSF), 24P, 36P, acompcor, acompcor_gsr, or a strategy YAML",
     )
     func.add_argument(
         "--fd-threshold", type=float, help="censor volumes above this FD, mm (strategy default)"
@@ -406,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--fod-model",
         choices=("auto", "csd", "msmt_csd", "csa"),
         help="fibre orientation model (auto: chosen from the shells and directions)",
+    )
+    dwi.add_argument(
+        "--stopping",
+        choices=("cmc", "act", "threshold"),
+        help="tractography stopping: continuous map criterion (default), ACT, or FA < 0.1",
     )
     dwi.add_argument(
         "--save-tractogram", action="store_true", default=None, help="write the tractogram (TCK)"

@@ -32,7 +32,8 @@ def test_graph_builds_for_every_anat_reference(subjects, tmp_path, sloppy, anat_
         output_dir=tmp_path,
         version="1.2.3",
         atlases=[atlas],
-        options=Options(modalities=("anat",), anat_reference=anat_reference),
+        options=Options(modalities=("anat",), anat_reference=anat_reference,
+                        registration_nthreads=2),
         omp_nthreads=2,
         sloppy=sloppy,
     )
@@ -56,10 +57,39 @@ def test_graph_builds_for_every_anat_reference(subjects, tmp_path, sloppy, anat_
     assert not any(n.startswith("sub_02_wf.anat_wf") for n in names)
     preproc = wf.get_node("sub_01_wf.anat_wf.preproc_ses_pre")
     assert preproc.inputs.settings == ("sloppy" if sloppy else "default")
-    assert preproc.n_procs == 2
+    assert preproc.n_procs == preproc.inputs.num_threads == 2
     methods = collect_methods(wf)
     assert "*Trajectome* 1.2.3" in methods[0]
     assert any("N4" in text for text in methods)
+
+
+def test_full_graph_feeds_every_connectome_into_the_metrics(subjects, tmp_path):
+    from pipeline.citations import select_bibtex
+
+    atlas = AtlasFiles("Test", tmp_path / "atlas.nii.gz", tmp_path / "atlas.tsv")
+    atlas.image.touch()
+    atlas.table.write_text("index\tname\tnetwork\n1\ta\tDefault\n")
+    wf = init_trajectome_wf(subjects=subjects, output_dir=tmp_path, version="1.2.3",
+                            atlases=[atlas], options=Options(), omp_nthreads=2, sloppy=True)
+    flat = wf._create_flat_graph()  # resolves every connection, as running would
+    into = {}
+    for src, dst, data in flat.edges(data=True):
+        into.setdefault(dst.fullname, set()).update(f"{src.fullname}:{a}" for a, _ in
+                                                    data["connect"])
+    pre = into["trajectome_1_2_wf.sub_01_wf.metrics_Test_ses_pre"]
+    assert {s.rsplit(".", 1)[-1].split(":")[0] for s in pre} >= {
+        "pick_fc_relmat_metrics_Test_ses_pre", "pick_fc_timeseries_metrics_Test_ses_pre",
+        "pick_sc_relmat_metrics_Test_ses_pre", "pick_volumes_metrics_Test_ses_pre"}
+    post = into["trajectome_1_2_wf.sub_01_wf.metrics_Test_ses_post"]  # no DWI there
+    assert not any("pick_sc_" in s for s in post) and any("pick_fc_relmat" in s for s in post)
+    preproc = wf.get_node("sub_01_wf.anat_wf.preproc_ses_pre")
+    coreg = [n for n in wf.list_node_names() if ".coreg_" in n]
+    assert preproc.n_procs == 1 and coreg  # registration single-threaded by default
+    assert wf.get_node(coreg[0]).inputs.num_threads == 1
+    bib = select_bibtex("\n".join(collect_methods(wf)))
+    assert "{qsiprep," not in bib and "{satterthwaite2013," in bib  # raw DWI path, 36P text
+    for key in ("trajectome", "nipype1", "ants", "dipy", "power2012", "ciric2017", "xcpd"):
+        assert f"{{{key}," in bib
 
 
 @pytest.mark.parametrize(

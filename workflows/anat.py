@@ -58,6 +58,7 @@ def init_anat_wf(
     output_dir: Path,
     anat_reference: str = "unbiased",
     omp_nthreads: int = 1,
+    registration_nthreads: int = 1,
     sloppy: bool = False,
     seed: int = 42,
     template_resolution: int = 2,
@@ -78,7 +79,10 @@ def init_anat_wf(
         Within-subject reference: a template no session is privileged in, the first
         session, or none (each session registered to MNI on its own).
     omp_nthreads : int
-        Threads for ANTs in each node.
+        Threads of the resampling and Jacobian nodes.
+    registration_nthreads : int
+        Threads of preprocessing, template building and MNI registration (ANTs is not
+        bit-reproducible with more than one).
     sloppy : bool
         Cheap registration settings (tests only).
     seed : int
@@ -97,7 +101,7 @@ def init_anat_wf(
     common = {
         "settings": "sloppy" if sloppy else "default",
         "seed": seed,
-        "num_threads": omp_nthreads,
+        "num_threads": registration_nthreads,
         "template_resolution": template_resolution,
     }
     names = [_session_key(s) for s in sessions]
@@ -105,7 +109,7 @@ def init_anat_wf(
     preproc = {}
     for session, key in zip(sessions, names, strict=True):
         node = pe.Node(PreprocessT1w(in_file=str(session.t1w[0]), **common), name=f"preproc_{key}")
-        node.n_procs = omp_nthreads
+        node.n_procs = registration_nthreads
         preproc[key] = node
 
     merge_brains = pe.Node(niu.Merge(len(names)), name="merge_brains")
@@ -113,7 +117,7 @@ def init_anat_wf(
     template = pe.Node(
         SubjectTemplate(names=names, mode=anat_reference, **common), name="subject_template"
     )
-    template.n_procs = omp_nthreads
+    template.n_procs = registration_nthreads
     for index, key in enumerate(names, start=1):
         workflow.connect([
             (preproc[key], merge_brains, [("brain", f"in{index}")]),
@@ -130,7 +134,7 @@ def init_anat_wf(
     shared_to_mni = None
     if anat_reference != "sessionwise":
         shared_to_mni = pe.Node(RegisterToMNI(source="template", **common), name="template_to_mni")
-        shared_to_mni.n_procs = omp_nthreads
+        shared_to_mni.n_procs = registration_nthreads
         workflow.connect([
             (template, shared_to_mni, [("template", "in_file"), ("template_mask", "mask")]),
         ])  # fmt: skip
@@ -154,7 +158,7 @@ def init_anat_wf(
             to_mni_node = to_mni
         else:
             register = pe.Node(RegisterToMNI(source="T1w", **common), name=f"to_mni_{key}")
-            register.n_procs = omp_nthreads
+            register.n_procs = registration_nthreads
             workflow.connect([
                 (preproc[key], register, [("brain", "in_file"), ("brain_mask", "mask")]),
             ])  # fmt: skip

@@ -20,7 +20,7 @@ from workflows.interfaces.metrics import SessionMetrics
 class FuncOptions:
     """Options of the functional-connectome workflow (see :func:`workflows.func.init_func_wf`)."""
 
-    strategy: str = "36P"
+    strategy: str = "8P"
     fd_threshold: float | None = None
     min_minutes: float = 4.0
     estimators: tuple[str, ...] = ("pearson",)
@@ -37,6 +37,7 @@ class DwiOptions:
     tracking: str = "probabilistic"
     seeding: str = "wm"
     fod_model: str = "auto"
+    stopping: str = "cmc"
     save_tractogram: bool = False
     qsiprep_dir: Path | None = None
 
@@ -56,6 +57,8 @@ class Options:
 
     modalities: tuple[str, ...] = ("anat", "func", "dwi")
     anat_reference: str = "unbiased"
+    #: Threads of each ANTs registration: more is faster but not bit-reproducible.
+    registration_nthreads: int = 1
     func: FuncOptions = field(default_factory=FuncOptions)
     dwi: DwiOptions = field(default_factory=DwiOptions)
     metrics: MetricOptions = field(default_factory=MetricOptions)
@@ -215,6 +218,7 @@ def init_single_subject_wf(
             output_dir=output_dir,
             anat_reference=options.anat_reference,
             omp_nthreads=omp_nthreads,
+            registration_nthreads=options.registration_nthreads,
             sloppy=sloppy,
             seed=seed,
         )
@@ -232,9 +236,10 @@ def init_single_subject_wf(
                 session=session, bold_runs=list(session.bold), atlases=atlases,
                 output_dir=output_dir, strategy=fopt.strategy, fd_threshold=fopt.fd_threshold,
                 min_minutes=fopt.min_minutes, estimators=list(fopt.estimators),
-                omp_nthreads=omp_nthreads, sloppy=sloppy, seed=seed,
-                fmriprep_dir=fopt.fmriprep_dir, slice_timing=fopt.slice_timing,
-                save_bold=fopt.save_bold, name=f"func_{_session_key(session)}_wf",
+                omp_nthreads=omp_nthreads, registration_nthreads=options.registration_nthreads,
+                sloppy=sloppy, seed=seed, fmriprep_dir=fopt.fmriprep_dir,
+                slice_timing=fopt.slice_timing, save_bold=fopt.save_bold,
+                name=f"func_{_session_key(session)}_wf",
             )
             if anat_out:
                 for name in INPUT_FIELDS:
@@ -246,7 +251,8 @@ def init_single_subject_wf(
                 session=session, dwi_runs=list(session.dwi), atlases=atlases,
                 output_dir=output_dir, n_streamlines=dopt.n_streamlines,
                 tracking=dopt.tracking, seeding=dopt.seeding, fod_model=dopt.fod_model,
-                save_tractogram=dopt.save_tractogram, omp_nthreads=omp_nthreads,
+                stopping=dopt.stopping, save_tractogram=dopt.save_tractogram,
+                omp_nthreads=omp_nthreads, registration_nthreads=options.registration_nthreads,
                 sloppy=sloppy, seed=seed, qsiprep_dir=dopt.qsiprep_dir,
                 name=f"dwi_{_session_key(session)}_wf",
             )
