@@ -493,25 +493,20 @@ def _session_files(
 
     where = {"subject": subject, "session": Query.NONE if label is None else label}
     t1w = tuple(Path(f.path) for f in _get(layout, queries["t1w"], **where))
-    bold = []
-    for f in _get(layout, queries["bold"], **where):
-        metadata = dict(f.get_metadata())
-        if "RepetitionTime" not in metadata:
-            raise BIDSInputError(
-                f"{f.path}: no RepetitionTime in the JSON sidecar; add it (seconds) to "
-                f"{Path(f.path).name.split('.')[0]}.json (or an inherited sidecar)."
-            )
-        bold.append(BoldRun(Path(f.path), metadata, dict(f.get_entities())))
+    # Missing RepetitionTime or gradient files are reported per run by the preflight
+    # (pipeline.inputs), so the other runs and subjects still go ahead.
+    bold = [BoldRun(Path(f.path), dict(f.get_metadata()), dict(f.get_entities()))
+            for f in _get(layout, queries["bold"], **where)]
     dwi = []
     for f in _get(layout, queries["dwi"], **where):
-        try:
-            bval, bvec = Path(layout.get_bval(f.path)), Path(layout.get_bvec(f.path))
-        except (ValueError, TypeError, IndexError) as err:  # pybids: none found
-            raise BIDSInputError(
-                f"{f.path}: no matching .bval/.bvec file found; add them next to the image "
-                f"(same name with .bval and .bvec extensions)."
-            ) from err
-        dwi.append(DwiRun(Path(f.path), bval, bvec, dict(f.get_metadata()),
+        stem = Path(f.path).name.split(".")[0]
+        gradients = []
+        for kind in ("bval", "bvec"):
+            try:
+                gradients.append(Path(getattr(layout, f"get_{kind}")(f.path)))
+            except (ValueError, TypeError, IndexError):  # pybids: none found
+                gradients.append(Path(f.path).with_name(f"{stem}.{kind}"))
+        dwi.append(DwiRun(Path(f.path), *gradients, dict(f.get_metadata()),
                           dict(f.get_entities())))
     return (tuple(sorted(t1w)), tuple(sorted(bold, key=lambda run: run.path)),
             tuple(sorted(dwi, key=lambda run: run.path)))

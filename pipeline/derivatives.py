@@ -128,6 +128,36 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
         os.fsync(handle.fileno())
 
 
+#: Temporary files older than this are orphans of a killed run (live writes take seconds).
+STALE_TEMPORARY_SECONDS = 3600.0
+
+
+def remove_stale_temporaries(
+    root: str | Path, *, older_than: float = STALE_TEMPORARY_SECONDS
+) -> list[Path]:
+    """Delete temporary files that killed runs (SIGKILL, node failure) left under ``root``.
+
+    Only files named like this module's temporaries (``.<name>.<random>.tmp*``) and not
+    modified for ``older_than`` seconds are removed, so the live writes of a concurrent
+    run on the same output folder are never touched.
+
+    Returns
+    -------
+    list of Path
+        The removed files.
+    """
+    import time
+
+    limit = time.time() - older_than
+    removed = []
+    for path in sorted(Path(root).rglob(".*.tmp*")):
+        with contextlib.suppress(FileNotFoundError):  # another run may clean up too
+            if path.is_file() and path.stat().st_mtime < limit:
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
     """Run ``writer(tmp_path)`` on a temporary path, then rename it to ``path``.
 

@@ -73,7 +73,10 @@ def _finite_warnings(path: Path, data: np.ndarray) -> list[str]:
     if bad == 0:
         return []
     if bad == data.size:
-        raise InputFileError(f"{path}: every voxel is NaN or Inf; the image holds no data.")
+        raise InputFileError(
+            f"{path}: every voxel is NaN or Inf; the image holds no data. Re-convert it from "
+            "the scanner data, or exclude it with --bids-filter-file."
+        )
     return [f"{path.name}: {bad} NaN/Inf voxel values will be treated as 0."]
 
 
@@ -84,7 +87,10 @@ def check_t1w(path: str | Path) -> InputSummary:
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputFileError(f"{path}: a T1w must be a 3-D image, this one has shape {data.shape}.")
+        raise InputFileError(
+            f"{path}: a T1w must be a 3-D image, this one has shape {data.shape}; keep one "
+            "volume (re-convert it), or exclude it with --bids-filter-file."
+        )
     warnings = _finite_warnings(path, data)
     return InputSummary(
         str(path),
@@ -98,7 +104,9 @@ def check_t1w(path: str | Path) -> InputSummary:
 def _check_4d(path: Path, data: np.ndarray, what: str) -> None:
     if data.ndim != 4:
         raise InputFileError(
-            f"{path}: a {what} series must be 4-D (x, y, z, time), this one has shape {data.shape}."
+            f"{path}: a {what} series must be 4-D (x, y, z, time), this one has shape "
+            f"{data.shape}; re-convert it with every volume, or exclude it with "
+            "--bids-filter-file."
         )
 
 
@@ -135,18 +143,41 @@ def check_bold(path: str | Path, metadata: dict[str, Any]) -> InputSummary:
 
 def read_gradients(bval: str | Path, bvec: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read FSL-style ``.bval``/``.bvec`` files; bvecs returned as (N, 3)."""
+    for gradient_file in (bval, bvec):
+        if not Path(gradient_file).is_file():
+            raise InputFileError(
+                f"{gradient_file}: not found, cannot read the gradient table; put the .bval and "
+                ".bvec files next to the DWI image (same name), or exclude the run with "
+                "--bids-filter-file."
+            )
     try:
         bvals = np.loadtxt(bval, ndmin=1, dtype=float)
         bvecs = np.loadtxt(bvec, ndmin=2, dtype=float)
     except (OSError, ValueError) as err:
-        raise InputFileError(f"{bval} / {bvec}: cannot read the gradient table ({err}).") from err
+        raise InputFileError(
+            f"{bval} / {bvec}: cannot read the gradient table ({err}); they must be plain-text "
+            "FSL files (one value per volume; 3 rows of b-vectors)."
+        ) from err
     if bvecs.shape[0] != 3 and bvecs.shape[1] == 3:
         bvecs = bvecs.T
     if bvecs.shape[0] != 3:
         raise InputFileError(
-            f"{bvec}: b-vectors must have 3 rows (x, y, z), found shape {bvecs.shape}."
+            f"{bvec}: b-vectors must have 3 rows (x, y, z), found shape {bvecs.shape}; "
+            "re-export the gradient table (FSL format, e.g. with dcm2niix)."
         )
     return bvals.ravel(), bvecs.T
+
+
+def _orientation_model_warnings(path: Path, bvals: np.ndarray, bvecs: np.ndarray) -> list[str]:
+    """Say now, not hours later, when the directions force a fallback from CSD."""
+    from pipeline.models import choose_model, summarize_acquisition
+
+    acquisition = summarize_acquisition(bvals, bvecs, b0_threshold=B0_THRESHOLD)
+    try:
+        choice = choose_model(acquisition)
+    except ValueError as err:  # < 6 directions: no orientation model at all
+        return [f"{path.name}: {err}."]
+    return [f"{path.name}: {choice.reason}."] if choice.model == "csa" else []
 
 
 def check_dwi(path: str | Path, bval: str | Path, bvec: str | Path) -> InputSummary:
@@ -166,7 +197,8 @@ def check_dwi(path: str | Path, bval: str | Path, bvec: str | Path) -> InputSumm
     if not b0.any():
         raise InputFileError(
             f"{path}: no b=0 volume (all b-values > {B0_THRESHOLD:g}); a b0 is needed for "
-            "registration and the diffusion models."
+            f"registration and the diffusion models. Check {Path(bval).name} (b=0 written as a "
+            "large value?) or exclude the run with --bids-filter-file."
         )
     norms = np.linalg.norm(bvecs[~b0], axis=1)
     if np.any(norms < 1e-6):
@@ -177,6 +209,7 @@ def check_dwi(path: str | Path, bval: str | Path, bvec: str | Path) -> InputSumm
     warnings = _finite_warnings(path, data)
     if np.any(np.abs(norms - 1) > BVEC_NORM_TOLERANCE):
         warnings.append(f"{Path(bvec).name}: b-vectors are not unit norm; they are normalised.")
+    warnings += _orientation_model_warnings(path, bvals, bvecs)
     shells = tuple(sorted({float(round(b, -2)) for b in bvals[~b0]}))
     zooms = tuple(map(float, img.header.get_zooms()[:3]))
     return InputSummary(

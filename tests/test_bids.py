@@ -355,18 +355,24 @@ def test_bad_bids_filter(multi_root: Path, bids_filter, match: str) -> None:
         collect_subjects(multi_root, bids_filter=bids_filter)
 
 
-def test_missing_repetition_time_and_bvec(tmp_path: Path) -> None:
+def test_missing_repetition_time_and_bvec_are_left_to_the_preflight(tmp_path: Path) -> None:
+    """Indexing keeps such runs; pipeline.inputs rejects them one by one (other runs go on)."""
+    from pipeline.inputs import preflight_session
+
     root = build_bids(tmp_path / "ds", {"01": {None: SessionSpec()}})
     sidecar = root / "sub-01" / "func" / "sub-01_task-rest_bold.json"
     meta = json.loads(sidecar.read_text())
     del meta["RepetitionTime"]
     sidecar.write_text(json.dumps(meta))
-    with pytest.raises(BIDSInputError, match=r"sub-01_task-rest_bold\.nii\.gz: no RepetitionTime"):
-        collect_subjects(root)
-    sidecar.write_text(json.dumps({**meta, "RepetitionTime": 1.5}))
-    (root / "sub-01" / "dwi" / "sub-01_dwi.bvec").unlink()
-    with pytest.raises(BIDSInputError, match=r"sub-01_dwi\.nii\.gz: no matching \.bval/\.bvec"):
-        collect_subjects(root)
+    bvec = root / "sub-01" / "dwi" / "sub-01_dwi.bvec"
+    bvec.unlink()
+    (session,) = collect_subjects(root)[0].sessions
+    assert len(session.bold) == 1 and session.dwi[0].bvec == bvec
+    usable, problems, _ = preflight_session(session)
+    assert usable.t1w and not usable.bold and not usable.dwi
+    dwi_message, bold_message = sorted(p.message for p in problems)
+    assert "sub-01_task-rest_bold.nii.gz: RepetitionTime is missing" in bold_message
+    assert dwi_message.startswith(f"{bvec}: not found, cannot read the gradient table")
 
 
 def test_not_a_dataset(tmp_path: Path) -> None:

@@ -167,4 +167,4 @@ def test_unwritable_output_dir(dataset, tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     assert _run(dataset, locked / "out") == cli.EXIT_USAGE
-    assert "not writable" in capsys.readouterr().err
+    assert "cannot write the outputs (Permission denied)" in capsys.readouterr().err

@@ -104,3 +104,22 @@ def test_dataset_description_concurrent_writers_never_corrupt(tmp_path):
     assert content["DatasetType"] == "derivative"
     assert content["GeneratedBy"][0] == {"Name": "Trajectome", "Version": "1.2.3"}
     assert [p.name for p in tmp_path.iterdir()] == ["dataset_description.json"]
+
+
+def test_remove_stale_temporaries_spares_live_writes(tmp_path):
+    import os
+
+    folder = tmp_path / "sub-01" / "ses-pre"
+    folder.mkdir(parents=True)
+    orphan = folder / ".sub-01_ses-pre_relmat.tsv.k3j2h1g0.tmp"
+    orphan_nii = folder / ".sub-01_T1w.nii.gz.a1b2c3d4.tmp.nii.gz"
+    live = folder / ".sub-01_ses-pre_timeseries.tsv.z9y8x7w6.tmp"
+    kept = [folder / "sub-01_ses-pre_relmat.tsv", folder / ".bidsignore", tmp_path / "notes.tmp"]
+    for path in (orphan, orphan_nii, live, *kept):
+        path.write_text("x")
+    for path in (orphan, orphan_nii, kept[0], kept[2]):
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+    assert derivatives.remove_stale_temporaries(tmp_path) == sorted([orphan, orphan_nii])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [live.name, kept[0].name, ".bidsignore"])
+    assert (tmp_path / "notes.tmp").exists()

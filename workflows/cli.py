@@ -67,11 +67,12 @@ def write_provenance(config: Config, run_id: str) -> Path:
 
 def write_citations(logs: Path, methods: list[str]) -> None:
     """Write the methods text (``CITATION.md``) and its BibTeX entries (``CITATION.bib``)."""
-    from importlib import resources
+    from pipeline.citations import select_bibtex
 
+    text = "\n\n".join(methods) + "\n"
+    bib = select_bibtex(text)  # before writing: a missing key must not leave half the pair
     with derivatives.atomic_write(logs / "CITATION.md") as handle:
-        handle.write("\n\n".join(methods) + "\n")
-    bib = (resources.files("pipeline") / "data" / "boilerplate.bib").read_text()
+        handle.write(text)
     with derivatives.atomic_write(logs / "CITATION.bib") as handle:
         handle.write(bib)
 
@@ -86,15 +87,17 @@ def prepare_output(config: Config) -> None:
             source_datasets=[f"file://{config.bids_dir}"],
         )
         derivatives.ensure_dataset_description(config.output_dir, description)
+        for orphan in derivatives.remove_stale_temporaries(config.output_dir):
+            LOGGER.info("removed %s, left by an interrupted run", orphan)
         bidsignore = config.output_dir / ".bidsignore"
         if not bidsignore.exists():
             with derivatives.atomic_write(bidsignore) as handle:
                 handle.write("\n".join(BIDSIGNORE) + "\n")
-    except PermissionError as err:
+    except OSError as err:
+        reason = err.strerror or str(err)
         raise ConfigError(
-            f"{err.filename or config.output_dir}: output directory is not writable; "
-            "choose another "
-            "OUTPUT_DIR or fix its permissions."
+            f"{err.filename or config.output_dir}: cannot write the outputs ({reason}); "
+            "choose another OUTPUT_DIR, or fix its permissions or free space."
         ) from err
 
 
@@ -146,6 +149,7 @@ def workflow_options(config: Config):
     return Options(
         modalities=tuple(config.modalities),
         anat_reference=config.anat_reference,
+        registration_nthreads=min(config.registration_nthreads, config.omp_nthreads),
         func=FuncOptions(
             strategy=config.denoise_strategy,
             fd_threshold=config.fd_threshold,
@@ -160,6 +164,7 @@ def workflow_options(config: Config):
             tracking=config.tracking,
             seeding=config.seeding,
             fod_model=config.fod_model,
+            stopping=config.stopping,
             save_tractogram=config.save_tractogram,
             qsiprep_dir=config.qsiprep_dir,
         ),
