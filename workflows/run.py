@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from nipype.pipeline import engine as pe
 LOGGER = logging.getLogger("trajectome")
 _SUBJECT = re.compile(r"(?:^|\.)sub_([0-9A-Za-z]+)_wf")
 _SESSION = re.compile(r"[._]ses_([0-9A-Za-z]+)(?=$|[._])")
+#: Thread-pool sizes of numpy's BLAS and OpenMP code, set from ``--omp-nthreads``.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ def run_workflow(
     plugin_args: dict[str, Any] | None = None,
     nprocs: int = 1,
     mem_gb: float | None = None,
+    omp_nthreads: int | None = None,
 ) -> list[Failure]:
     """Run ``workflow`` and return the failed nodes (empty when everything succeeded).
 
@@ -101,6 +105,9 @@ def run_workflow(
     a rerun only recomputes what is unfinished.
     """
     crash_dir.mkdir(parents=True, exist_ok=True)
+    if omp_nthreads:
+        # inherited by the worker processes: BLAS/OpenMP pools sized as the scheduler expects
+        os.environ.update({name: str(omp_nthreads) for name in THREAD_VARIABLES})
     quiet_nipype()
     workflow.base_dir = str(work_dir)
     workflow.config["execution"].update(
