@@ -219,6 +219,10 @@ def test_raw_path_recovers_planted_fc_and_censors_spikes(runs):
     assert meta["NumberOfVolumesCensored"] == qc["n_censored"]
     assert meta["DenoisingStrategy"] == "8P" and meta["QCPass"] is True
     assert meta["NodeFiles"][0].startswith(f"atlas-{ATLAS}/")
+    z = pd.read_csv(func / f"{prefix}_desc-fisherz_stat-pearsoncorrelation_relmat.tsv",
+                    sep="\t", index_col="Node")
+    off = ~np.eye(len(rel), dtype=bool)
+    np.testing.assert_allclose(np.tanh(z.to_numpy()[off]), rel.to_numpy()[off], atol=1e-9)
     conf = func / f"{STEM}_task-rest_desc-confounds_timeseries"
     columns = pd.read_csv(f"{conf}.tsv", sep="\t", nrows=1).columns
     described = json.loads(Path(f"{conf}.json").read_text())

@@ -275,6 +275,8 @@ def init_func_wf(
         for kind in estimators:
             sinks.add(dn, kind, a_ents, "relmat", ".tsv",
                       statistic=connectivity.STAT_LABELS[kind], meta_field=f"{kind}_meta")
+            sinks.add(dn, f"{kind}_z", a_ents, "relmat", ".tsv", desc="fisherz",
+                      statistic=connectivity.STAT_LABELS[kind], meta_field=f"{kind}_z_meta")
         sinks.add(dn, "qc", a_ents, "bold", ".tsv", desc="qc", meta_field="qc_meta")
         sinks.add(dn, "outliers", a_ents, "outliers", ".tsv",
                   meta={k: {"Description": v} for k, v in OUTLIER_COLUMNS.items()})

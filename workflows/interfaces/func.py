@@ -407,6 +407,12 @@ class _DenoiseOutputSpec(TraitedSpec):
     partial_meta = traits.Dict()
     ledoit_wolf = File()
     ledoit_wolf_meta = traits.Dict()
+    pearson_z = File(desc="Fisher z (arctanh) of pearson")
+    pearson_z_meta = traits.Dict()
+    partial_z = File()
+    partial_z_meta = traits.Dict()
+    ledoit_wolf_z = File()
+    ledoit_wolf_z_meta = traits.Dict()
 
 
 class DenoiseConnectivity(SimpleInterface):
@@ -489,14 +495,16 @@ class DenoiseConnectivity(SimpleInterface):
         node_files = list(spec.node_files) if isdefined(spec.node_files) else []
         for kind in spec.estimators:
             matrix = connectivity.connectivity(session.data, kind)
-            path = _cwd_file(runtime, f"{kind}_relmat.tsv")
-            write_tsv(path, connectivity.relmat_table(matrix, names))
-            self._results[kind] = str(path)
-            self._results[f"{kind}_meta"] = connectivity.relmat_sidecar(
-                kind, node_files=node_files, strategy=strategy.name,
-                n_volumes=int(session.keep.sum()), n_censored=session.n_censored,
-                dropped_parcels=dropped, extra=common,
-            )
+            for key, values, z in ((kind, matrix, False),
+                                   (f"{kind}_z", connectivity.fisher_z(matrix), True)):
+                path = _cwd_file(runtime, f"{key}_relmat.tsv")
+                write_tsv(path, connectivity.relmat_table(values, names))
+                self._results[key] = str(path)
+                self._results[f"{key}_meta"] = connectivity.relmat_sidecar(
+                    kind, z=z, node_files=node_files, strategy=strategy.name,
+                    n_volumes=int(session.keep.sum()), n_censored=session.n_censored,
+                    dropped_parcels=dropped, extra=common,
+                )
         return runtime
 
 
