@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -104,7 +106,8 @@ def build_path(
 def _replace_on_success(path: Path, suffix: str) -> Iterator[tuple[int, str]]:
     """A temporary file beside ``path``; renamed onto it on success, removed on any error."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=suffix,
+                               dir=path.parent)
     try:
         yield fd, tmp
         os.chmod(tmp, 0o644)
@@ -130,6 +133,26 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
 
 #: Temporary files older than this are orphans of a killed run (live writes take seconds).
 STALE_TEMPORARY_SECONDS = 3600.0
+_OWNER_RE = re.compile(r"\.pid(\d+)@([A-Za-z0-9-]+)\.")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname().split(".")[0]) or "host"
+
+
+def _owner() -> str:
+    """``pid<pid>@<host>``: lets a rerun tell a dead writer's temporaries from live ones."""
+    return f"pid{os.getpid()}@{_host()}"
+
+
+def _process_is_dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by someone else
+        return False
+    return False
 
 
 def remove_stale_temporaries(
@@ -137,9 +160,10 @@ def remove_stale_temporaries(
 ) -> list[Path]:
     """Delete temporary files that killed runs (SIGKILL, node failure) left under ``root``.
 
-    Only files named like this module's temporaries (``.<name>.<random>.tmp*``) and not
-    modified for ``older_than`` seconds are removed, so the live writes of a concurrent
-    run on the same output folder are never touched.
+    Only files named like this module's temporaries (``.<name>.pid<N>@<host>.<random>.tmp*``)
+    are candidates: those whose writing process on this host no longer exists, and any
+    not modified for ``older_than`` seconds (writers on other hosts of a shared file
+    system), so the live writes of a concurrent run are never touched.
 
     Returns
     -------
@@ -148,11 +172,15 @@ def remove_stale_temporaries(
     """
     import time
 
-    limit = time.time() - older_than
+    limit, host = time.time() - older_than, _host()
     removed = []
     for path in sorted(Path(root).rglob(".*.tmp*")):
+        owner = _OWNER_RE.search(path.name)
         with contextlib.suppress(FileNotFoundError):  # another run may clean up too
-            if path.is_file() and path.stat().st_mtime < limit:
+            if not path.is_file():
+                continue
+            dead = owner is not None and owner[2] == host and _process_is_dead(int(owner[1]))
+            if dead or path.stat().st_mtime < limit:
                 path.unlink()
                 removed.append(path)
     return removed

@@ -123,3 +123,32 @@ def test_remove_stale_temporaries_spares_live_writes(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [live.name, kept[0].name, ".bidsignore"])
     assert (tmp_path / "notes.tmp").exists()
+
+
+def test_temporaries_of_a_dead_writer_are_removed_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    # a real process that has exited: its PID names a dead writer on this host
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    dead_pid = int(child.stdout)
+    host = derivatives._owner().split("@")[1]
+    dead = tmp_path / f".sub-01_relmat.tsv.pid{dead_pid}@{host}.ab12cd34.tmp"
+    mine = tmp_path / f".sub-01_other.tsv.{derivatives._owner()}.ef56gh78.tmp"
+    elsewhere = tmp_path / f".sub-01_more.tsv.pid{dead_pid}@another-node.ij90kl12.tmp"
+    for path in (dead, mine, elsewhere):
+        path.write_text("half")
+    assert derivatives.remove_stale_temporaries(tmp_path) == [dead]
+    assert mine.exists() and elsewhere.exists()  # live writer; other host: wait for age
+
+
+def test_temporary_names_carry_their_writer(tmp_path):
+    seen = []
+
+    def writer(path):
+        seen.append(path.name)
+        path.write_text("x")
+
+    derivatives.write_with(tmp_path / "a.tsv", writer)
+    assert seen[0].startswith(f".a.tsv.{derivatives._owner()}.") and seen[0].endswith(".tmp.tsv")
