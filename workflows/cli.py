@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,14 @@ from pipeline import derivatives
 from pipeline.atlas import AtlasError, resolve_atlas, write_atlas
 from pipeline.bids import BIDSInputError, Subject, collect_subjects
 from pipeline.config import Config, ConfigError, dependency_versions, package_version, parse_args
-from pipeline.group import GroupInputError, write_group_sessions
+from pipeline.group import (
+    GroupInputError,
+    has_session_metrics,
+    write_group_outputs,
+    write_group_sessions,
+    write_participants,
+    write_subject_outputs,
+)
 from pipeline.inputs import preflight_session
 from pipeline.validation import BIDSValidationError, ValidatorError, check_bids
 from workflows.anat import AtlasFiles
@@ -37,7 +45,8 @@ USER_ERRORS = (
     AtlasError,
 )
 
-BIDSIGNORE = ("logs/", "group/", "*_relmat.*", "*_timeseries.*", "*_morph.*", "*_dwimap.*")
+BIDSIGNORE = ("logs/", "group/", "*.html", "*_relmat.*", "*_timeseries.*", "*_morph.*",
+              "*_dwimap.*")
 
 
 def _setup_logging() -> None:
@@ -49,6 +58,7 @@ def _setup_logging() -> None:
     # Nipype's own node-by-node chatter is replaced by our progress lines and summary.
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("dipy").setLevel(logging.WARNING)  # per-step INFO lines drown progress
 
 
 def _run_id() -> str:
@@ -205,6 +215,54 @@ def report_failures(failures: list[Failure], crash_dir: Path) -> None:
         LOGGER.error("Crash reports: %s", crash_dir)
 
 
+def _timed_step(subject: str, stage: str, action: Callable[[], object],
+                crash_dir: Path) -> list[Failure]:
+    """Run one subject's post-workflow step; log it with its wall time, keep its failure.
+
+    A failure is returned (not raised) so the other subjects go on; its traceback goes to
+    ``crash_dir`` as a crash file, which the subject report's error section lists.
+    """
+    start = time.monotonic()
+    try:
+        action()
+    except Exception as err:  # any error of one subject's step must not stop the others
+        elapsed = time.monotonic() - start
+        LOGGER.info("[sub-%s] %s: FAILED in %.1f s", subject, stage, elapsed)
+        crash = crash_dir / f"crash-sub-{subject}-{stage}.txt"
+        try:
+            with derivatives.atomic_write(crash) as handle:
+                handle.write(f"Node: sub-{subject}.{stage}\n\n" + traceback.format_exc())
+        except OSError as write_error:  # the failure itself is still reported
+            LOGGER.warning("could not write %s: %s", crash, write_error)
+        return [Failure(subject, None, stage, f"{type(err).__name__}: {err}")]
+    LOGGER.info("[sub-%s] %s: done in %.1f s", subject, stage, time.monotonic() - start)
+    return []
+
+
+def write_subject_results(
+    output_dir: Path, labels: Sequence[str], *, include_flagged: bool, crash_dir: Path
+) -> list[Failure]:
+    """After the workflow: each subject's trajectory tables, then its HTML report.
+
+    Trajectories are written for subjects with session metric tables; the report for every
+    subject with an output folder (it also shows the QC and errors of a subject whose
+    connectomes failed). One subject's failure (stage ``trajectories`` or ``report``)
+    leaves the others untouched.
+    """
+    from pipeline.reports import write_subject_report
+
+    failures: list[Failure] = []
+    for label in labels:
+        if not (output_dir / f"sub-{label}").is_dir():
+            continue
+        if has_session_metrics(output_dir, label):
+            failures += _timed_step(label, "trajectories", lambda s=label: write_subject_outputs(
+                output_dir, s, include_flagged=include_flagged), crash_dir)
+        failures += _timed_step(label, "report", lambda s=label: write_subject_report(
+            output_dir, s), crash_dir)
+    return failures
+
+
 def run_participant(config: Config, run_id: str) -> int:
     """Validate, index, check inputs, build and run the participant-level workflow."""
     from workflows.base import init_trajectome_wf
@@ -239,6 +297,7 @@ def run_participant(config: Config, run_id: str) -> int:
     if config.boilerplate_only:
         LOGGER.info("Methods text written to %s", config.output_dir / "logs" / "CITATION.md")
         return EXIT_OK
+    write_participants(config.output_dir, config.bids_dir)
     crash_dir = config.output_dir / "logs" / f"crash-{run_id}"
     failures += run_workflow(
         workflow,
@@ -248,6 +307,19 @@ def run_participant(config: Config, run_id: str) -> int:
         plugin_args=config.plugin_args,
         nprocs=config.nprocs,
         mem_gb=config.mem_gb,
+        omp_nthreads=config.omp_nthreads,
+    )
+    start = time.monotonic()
+    failures += write_subject_results(
+        config.output_dir,
+        [s.label for s in subjects],
+        include_flagged=config.include_flagged,
+        crash_dir=crash_dir,
+    )
+    LOGGER.info(
+        "Trajectories and reports of %d subject(s) in %.1f s",
+        len(subjects),
+        time.monotonic() - start,
     )
     if failures:
         report_failures(failures, crash_dir)
@@ -257,9 +329,49 @@ def run_participant(config: Config, run_id: str) -> int:
 
 
 def run_group(config: Config, run_id: str) -> int:
-    """Collect the participant-level tables into cohort tables."""
-    out = write_group_sessions(config.output_dir, config.bids_dir)
+    """Cohort tables, group statistics (mixed models, maintenance classes) and group.html.
+
+    ``--participant-label`` restricts the cohort; ``--include-flagged`` keeps QC-flagged
+    sessions. Without any session metric table (participant level run without atlases)
+    only the cohort sessions table and the report are written, with a warning.
+    """
+    from pipeline.groupstats import GroupStatsError
+    from pipeline.longitudinal import LongitudinalInputError
+    from pipeline.reports import write_group_report
+
+    start = time.monotonic()
+    write_participants(config.output_dir, config.bids_dir)
+    out = write_group_sessions(
+        config.output_dir, config.bids_dir, subjects=config.participant_label
+    )
     LOGGER.info("Group level: %s", out)
+    wanted = {f"sub-{s.removeprefix('sub-')}" for s in config.participant_label or []}
+    subjects = [
+        path.parent.name
+        for path in config.output_dir.glob("sub-*/sub-*_sessions.tsv")
+        if not wanted or path.parent.name in wanted
+    ]
+    if not any(has_session_metrics(config.output_dir, s) for s in subjects):
+        LOGGER.warning(
+            "No session metric tables (sub-*/ses-*/*_desc-network_metrics.tsv) in %s: group "
+            "statistics skipped; run the participant level with --atlas to get them.",
+            config.output_dir,
+        )
+    else:
+        try:
+            written = write_group_outputs(
+                config.output_dir,
+                subjects=config.participant_label,
+                include_flagged=config.include_flagged,
+            )
+        except (LongitudinalInputError, GroupStatsError) as err:
+            raise GroupInputError(str(err)) from err
+        LOGGER.info(
+            "[group] statistics: done in %.1f s (%d files)", time.monotonic() - start, len(written)
+        )
+    step = time.monotonic()
+    report = write_group_report(config.output_dir)
+    LOGGER.info("[group] report: %s done in %.1f s", report.name, time.monotonic() - step)
     return EXIT_OK
 
 
