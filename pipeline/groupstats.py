@@ -88,13 +88,14 @@ def collect_long_tables(tables: Iterable[pd.DataFrame | str | Path]) -> pd.DataF
 
 
 def split_flagged(long: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split off QC-flagged sessions; return the kept rows and one row per excluded session.
+    """Split off QC-flagged rows; return the kept rows and one row per affected session.
 
-    A session counts as flagged when any of its rows has ``qc_flag``; its rows are all
-    excluded (a session is excluded as a whole).
+    Flags are per row: a failed BOLD QC flags only that atlas' FC and coupling rows
+    (:func:`pipeline.group.collect_session_metrics`), so the session's structural and
+    anatomical metrics still count.
     """
     long = longitudinal.prepare_long_table(long)
-    flagged = long.groupby(["subject", "session"])["qc_flag"].transform("any")
+    flagged = long["qc_flag"].astype(bool)
     excluded = (long[flagged].groupby(["subject", "session", "role", "group"], sort=True)
                 .size().rename("n_rows").reset_index())
     excluded["reason"] = "qc_flag"
@@ -438,8 +439,9 @@ EXCLUDED_SIDECAR: dict[str, dict] = {
     "session": longitudinal.TRAJECTORY_SIDECAR["session"],
     "role": longitudinal.TRAJECTORY_SIDECAR["role"],
     "group": longitudinal.TRAJECTORY_SIDECAR["group"],
-    "n_rows": {"Description": "Metric rows of the session left out."},
-    "reason": {"Description": "Why the session was excluded (qc_flag)."},
+    "n_rows": {"Description": "Metric rows of the session left out (flagged rows only)."},
+    "reason": {"Description": "Why they were excluded (qc_flag: failed QC, see qc_reason "
+               "in the cohort metrics table)."},
 }
 
 GROUP_SIDECARS = {"metrics": METRICS_SIDECAR, "excluded_sessions": EXCLUDED_SIDECAR,

@@ -358,6 +358,10 @@ def change_table(
     classes = classify_maintenance(a, out["maintenance_change"], vp + vq, vm + vq, -vq,
                                    fraction=fraction, confidence=confidence, atol=atol)
     out = pd.concat([out.reset_index(drop=True), classes], axis=1)
+    # without standard errors the class is a point-estimate call: no probability to claim
+    probability_columns = ["p_regression", "p_stabilisation", "p_continued_remodelling",
+                           "class_probability"]
+    out.loc[out["se_missing"], probability_columns] = np.nan
     return out[list(CHANGES_SIDECAR)].sort_values(
         ["subject", *KEY_COLUMNS, "order_maintenance"], ignore_index=True, na_position="first")
 
@@ -597,7 +601,9 @@ CHANGES_SIDECAR: dict[str, dict[str, str]] = {
     "se_pre": {"Description": "Standard error at pre-ECT."},
     "se_post": {"Description": "Standard error at post-ECT."},
     "se_maintenance": {"Description": "Standard error at this maintenance session."},
-    "se_missing": {"Description": "True when a standard error was unknown and counted as 0."},
+    "se_missing": {"Description": "True when a standard error was unknown (e.g. regional "
+                   "volumes): the class is then called from the point estimates and the "
+                   "probabilities are n/a."},
     "acute_change": {"Description": "a = post - pre."},
     "se_acute": {"Description": "sqrt(se_pre^2 + se_post^2)."},
     "maintenance_change": {"Description": "d = maintenance - post."},

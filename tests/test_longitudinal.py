@@ -133,6 +133,8 @@ def test_change_table_numbers():
     noisy = out.loc[("03", "m")]
     assert np.isnan(noisy["retention"]) and noisy["maintenance_class"] == NO_ACUTE
     assert bool(noisy["se_missing"]) and not bool(r1["se_missing"])
+    assert np.isnan(noisy["class_probability"]) and np.isnan(noisy["p_stabilisation"])
+    assert r1["class_probability"] >= 0.95  # known errors keep their probabilities
     assert set(L.CHANGES_SIDECAR) == set(out.reset_index().columns)
 
 
