@@ -200,10 +200,15 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
     return path
 
 
+def json_text(data: Mapping[str, Any]) -> str:
+    """The exact text :func:`write_json` writes (sorted keys, fixed indentation)."""
+    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
     """Write JSON deterministically (sorted keys, fixed indentation, trailing newline)."""
     with atomic_write(path) as handle:
-        handle.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        handle.write(json_text(data))
     return Path(path)
 
 

@@ -161,9 +161,11 @@ def test_killed_run_resumes_without_redoing_finished_nodes(tmp_path):
                             for node in runs})
     end = _finished(killed / "work")
     for done, _, node_outputs in kills:
-        # every node finished before a kill (sinks and table writers too) kept its result,
-        # and every output written before the kill is the same file, not rewritten
-        assert {node: end.get(node) for node in done} == done
+        # every computing node finished before a kill kept its result (sinks rerun by
+        # design, always_run), and every output written before the kill is the same file,
+        # not rewritten
+        computed = {n: v for n, v in done.items() if not Path(n).name.startswith("ds_")}
+        assert computed and {node: end.get(node) for node in computed} == computed
         assert {path: _node_outputs(killed / "out").get(path) for path in node_outputs} == (
             node_outputs)
 
@@ -173,3 +175,22 @@ def test_killed_run_resumes_without_redoing_finished_nodes(tmp_path):
     assert [path for path in got if got[path] != expected[path]] == []
     assert sum(path.startswith("sub-01/") for path in got) == 2 * n_fake + 2  # + sessions
     assert [p for p in (killed / "out").rglob("*") if ".tmp" in p.name] == []
+
+
+def test_outputs_deleted_after_a_run_come_back_from_the_work_dir(tmp_path):
+    """A rerun with the same work directory restores deleted outputs and leaves the rest."""
+    bids = build_bids(tmp_path / "ds", {"01": {"pre": SessionSpec(bold=0, dwi=0)}})
+    root = tmp_path / "run"
+    root.mkdir()
+    assert _start(bids, root, "first.log").wait(timeout=TIMEOUT) == 0
+    before = _node_outputs(root / "out")
+    victim = sorted(before)[0]
+    Path(victim).unlink()
+    executions = len(_executions(root))
+    assert _start(bids, root, "second.log").wait(timeout=TIMEOUT) == 0, _tail(
+        root / "second.log")
+    after = _node_outputs(root / "out")
+    assert Path(victim).is_file() and sorted(after) == sorted(before)
+    assert {p: after[p] for p in before if p != victim} == {  # untouched: same inode, mtime
+        p: before[p] for p in before if p != victim}
+    assert len(_executions(root)) == executions  # nothing recomputed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import shutil
 from pathlib import Path
 
@@ -89,15 +90,21 @@ class DerivativesSink(SimpleInterface):
 
     input_spec = _DerivativesSinkInputSpec
     output_spec = _FileOutputSpec
+    # Rerun even when cached, so outputs deleted since the last run come back from the
+    # work directory; an unchanged output is left untouched (same bytes, same inode).
+    always_run = True
 
     def _run_interface(self, runtime):
         spec = self.inputs
         datatype = spec.datatype if isdefined(spec.datatype) and spec.datatype else None
         relative = derivatives.build_path(spec.entities, spec.suffix, spec.extension, datatype)
         out = Path(spec.base_directory) / relative
-        derivatives.write_with(out, lambda tmp: shutil.copyfile(spec.in_file, tmp))
+        if not (out.is_file() and filecmp.cmp(spec.in_file, out, shallow=False)):
+            derivatives.write_with(out, lambda tmp: shutil.copyfile(spec.in_file, tmp))
         if isdefined(spec.meta_dict) and spec.meta_dict:
             sidecar = out.with_name(out.name.removesuffix(spec.extension) + ".json")
-            derivatives.write_json(sidecar, spec.meta_dict)
+            if not (sidecar.is_file()
+                    and sidecar.read_text() == derivatives.json_text(spec.meta_dict)):
+                derivatives.write_json(sidecar, spec.meta_dict)
         self._results["out_file"] = str(out)
         return runtime
