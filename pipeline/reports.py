@@ -28,6 +28,7 @@ import html
 import io
 import json
 import re
+import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -42,6 +43,8 @@ from matplotlib.patches import Rectangle
 
 from pipeline.bids import ROLES, infer_role
 from pipeline.derivatives import atomic_write
+from pipeline.groupstats import GROUP_OUTPUTS
+from pipeline.longitudinal import NO_ACUTE_CHANGE
 
 #: rcParams of every figure; the fixed hash salt makes SVG ids reproducible.
 _RC = {
@@ -62,6 +65,9 @@ KEY_METRIC_PATTERN = re.compile(
     r"default|dmn|salien|sal.?vent|frontopariet|executive|\bcont\b|coupling|hippocamp",
     re.IGNORECASE,
 )
+#: Networks of the key metrics (the trajectory page, :func:`_metric_rank`).
+_KEY_NETWORK = re.compile(r"default|dmn|salien|sal.?vent|frontopariet|executive|^cont$",
+                          re.IGNORECASE)
 _IDENTITY_COLUMNS = ("metric", "modality", "scope", "network", "network_a", "network_b",
                      "node", "atlas")
 _SE_COLUMNS = ("se", "stderr", "value_se", "sem", "standard_error")
@@ -70,7 +76,11 @@ _P_COLUMNS = ("p", "p_value", "pvalue", "p_val")
 _CONTROL_NAMES = ("control", "controls", "hc", "healthy", "ctl")
 _MAX_TRAJECTORIES = 24
 _MAX_EFFECT_PLOTS = 6
+_MAX_TABLE_ROWS = 50  # longer group tables show this many rows, the rest folded
 _ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
+#: Legends under the x tick labels: inside the axes they hid data points.
+_LEGEND_BELOW = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.2), "ncol": 2,
+                 "fontsize": 6, "frameon": False}
 _NETWORK_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
                    "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
@@ -131,6 +141,7 @@ def anat_mosaic_svg(
     mask: nb.Nifti1Image | None = None,
     gm: nb.Nifti1Image | None = None,
     wm: nb.Nifti1Image | None = None,
+    labels: nb.Nifti1Image | None = None,
     n_axial: int = 3,
     title: str = "",
 ) -> str:
@@ -144,6 +155,8 @@ def anat_mosaic_svg(
         Anatomical image (3-D).
     mask, gm, wm : nibabel.Nifti1Image, optional
         Brain mask (contour at 0.5, red), GM and WM probabilities (contour at 0.5; green, blue).
+    labels : nibabel.Nifti1Image, optional
+        Integer label image (e.g. an atlas warped to the T1w) shown as translucent colours.
     n_axial : int
         Axial slices, evenly spread over the brain's extent; one coronal and one sagittal
         slice through the centre follow.
@@ -163,7 +176,12 @@ def anat_mosaic_svg(
         odata, _ = _canonical_data(img)
         if odata.shape == data.shape:
             overlays.append((odata, color))
-    extent_source = overlays[0][0] > 0.5 if mask is not None and overlays else data > 0
+    label_data = None
+    if labels is not None:
+        label_data = np.rint(_canonical_data(labels)[0]).astype(int)
+        label_data = label_data if label_data.shape == data.shape else None
+    mask_ok = bool(overlays) and mask is not None and overlays[0][1] == "#e41a1c"
+    extent_source = overlays[0][0] > 0.5 if mask_ok else data > 0
     if not extent_source.any():
         extent_source = np.ones(data.shape, bool)
     nz = np.argwhere(extent_source)
@@ -183,6 +201,12 @@ def anat_mosaic_svg(
     for ax, (axis, index, aspect) in zip(np.atleast_1d(axes), cuts, strict=True):
         ax.imshow(cut(data, axis, index), cmap="gray", vmin=0, vmax=vmax, origin="lower",
                   aspect=aspect)
+        if label_data is not None:
+            plane = cut(label_data, axis, index)
+            # neighbouring labels get distinct colours; background stays transparent
+            shown = np.ma.masked_equal(plane, 0) % 10
+            ax.imshow(shown, cmap="tab10", vmin=0, vmax=9, alpha=0.7, origin="lower",
+                      aspect=aspect, interpolation="nearest")
         for odata, color in overlays:
             plane = cut(odata, axis, index)
             if plane.min() < 0.5 < plane.max():
@@ -241,9 +265,10 @@ def fd_trace_svg(
     ax.set_ylim(bottom=0)
     ax.set_xlabel("volume")
     ax.set_ylabel("FD (mm)")
-    ax.set_title(title)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper right", fontsize=6, frameon=False)
+    ax.set_title(title, loc="left")
+    if ax.get_legend_handles_labels()[0]:  # above the axes: spikes sit anywhere
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=6,
+                  frameon=False, borderaxespad=0.2)
     return svg_from_figure(fig)
 
 
@@ -268,6 +293,22 @@ def _blocks(labels: Sequence[Any]) -> list[tuple[Any, int, int]]:
         else:
             out.append((label, i, i + 1))
     return out
+
+
+def _thin_ticks(ax: Any, blocks: Sequence[tuple[Any, int, int]], n: int, axis: str,
+                fontsize: float) -> list[tuple[float, str]]:
+    """Tick (position, label) per network block, leaving out labels that would overlap
+    their neighbour (small networks between big ones); the block outlines stay."""
+    box = ax.get_position()
+    inches = (box.height * ax.figure.get_figheight() if axis == "y"
+              else box.width * ax.figure.get_figwidth())
+    min_gap = n * 1.15 * fontsize / 72 / max(inches, 1e-6)  # rows per label height
+    kept: list[tuple[float, str]] = []
+    for label, start, stop in blocks:
+        centre = (start + stop - 1) / 2
+        if not kept or centre - kept[-1][0] >= min_gap:
+            kept.append((centre, str(label)))
+    return kept
 
 
 @_styled
@@ -309,15 +350,14 @@ def matrix_svg(
         bar_label = "r"
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=bar_label)
     blocks = _blocks(labels)
-    ticks = []
-    for label, start, stop in blocks:
+    for _, start, stop in blocks:
         ax.add_patch(Rectangle(
             (start - 0.5, start - 0.5), stop - start, stop - start, fill=False,
             edgecolor="black", linewidth=0.6))
-        ticks.append(((start + stop - 1) / 2, label))
     if len(blocks) > 1:
-        ax.set_xticks([t for t, _ in ticks], [lab for _, lab in ticks], rotation=90, fontsize=5)
-        ax.set_yticks([t for t, _ in ticks], [lab for _, lab in ticks], fontsize=5)
+        ticks = _thin_ticks(ax, blocks, len(names), "y", 7)
+        ax.set_xticks([t for t, _ in ticks], [lab for _, lab in ticks], rotation=90, fontsize=7)
+        ax.set_yticks([t for t, _ in ticks], [lab for _, lab in ticks], fontsize=7)
     else:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -347,8 +387,8 @@ def carpet_svg(
     for _, start, _stop in blocks[1:]:
         ax.axhline(start - 0.5, color="#e41a1c", linewidth=0.5)
     if len(blocks) > 1:
-        ax.set_yticks([(a + b - 1) / 2 for _, a, b in blocks], [n for n, _, _ in blocks],
-                      fontsize=5)
+        ticks = _thin_ticks(ax, blocks, len(names), "y", 7)
+        ax.set_yticks([t for t, _ in ticks], [lab for _, lab in ticks], fontsize=7)
     ax.set_xlabel("kept volume (censored volumes removed)")
     ax.set_title(title)
     return svg_from_figure(fig)
@@ -391,9 +431,10 @@ def trajectory_svg(
         ax.plot(x, values, color="#1f4e79", marker="o", markersize=4, linewidth=1.2)
     ax.set_xticks(x, list(points["tick"]), fontsize=6)
     ax.set_xlim(-0.4, len(points) - 0.6)
-    ax.set_title(title, fontsize=8)
+    # a long label would widen the figure past its card
+    ax.set_title(textwrap.fill(title, 52, break_on_hyphens=False), fontsize=8)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6, frameon=False)
+        ax.legend(**_LEGEND_BELOW)
     return svg_from_figure(fig)
 
 
@@ -428,7 +469,7 @@ def effects_by_role_svg(values: pd.DataFrame, *, title: str = "") -> str:
     ax.set_xticks(range(len(roles)), roles)
     ax.set_xlim(-0.5, len(roles) - 0.5)
     ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=6, frameon=False)
+    ax.legend(**_LEGEND_BELOW)
     return svg_from_figure(fig)
 
 
@@ -571,8 +612,29 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def _fmt_distinct(values: Sequence[float]) -> list[str]:
+    """Format numbers with enough significant digits (4 to 10) for unequal values to read
+    unequal: 356.475 and 356.485 must not both print as 356.5 next to a change of 0.0095."""
+    finite = np.array([v for v in values if np.isfinite(v)], dtype=float)
+    digits = 4
+    if finite.size > 1:
+        spread = np.abs(np.diff(np.unique(finite)))
+        scale = float(np.max(np.abs(finite)))
+        if spread.size and scale > 0:
+            digits = int(np.clip(np.ceil(np.log10(scale / spread.min())) + 1, 4, 10))
+    return [f"{v:.{digits}g}" if np.isfinite(v) else "n/a" for v in np.asarray(values, float)]
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float | np.number) and not isinstance(value, bool)
+
+
+def _cell_class(value: object) -> str:
+    if _is_number(value):
+        return ""
+    # a file or node name longer than a column may break anywhere ("long" in the CSS)
+    long = any(len(word) > 30 for word in _fmt(value).split())
+    return ' class="text long"' if long else ' class="text"'
 
 
 def table_html(table: pd.DataFrame, *, row_class: Sequence[str] | None = None) -> str:
@@ -580,16 +642,20 @@ def table_html(table: pd.DataFrame, *, row_class: Sequence[str] | None = None) -
 
     ``row_class`` gives a CSS class per row (``"highlight"``, ``"flag"`` or ``""``).
     """
-    head = "".join(f"<th>{_esc(c)}</th>" for c in table.columns)
+    # long snake_case names may wrap after an underscore, never inside a word
+    head = "".join(f"<th>{_esc(c).replace('_', '_<wbr>')}</th>" for c in table.columns)
     body = []
     classes = list(row_class) if row_class is not None else [""] * len(table)
     for cls, row in zip(classes, table.itertuples(index=False), strict=True):
-        cells = "".join(
-            ("<td>" if _is_number(v) else '<td class="text">') + f"{_esc(_fmt(v))}</td>"
-            for v in row)
+        cells = "".join(f"<td{_cell_class(v)}>{_esc(_fmt(v))}</td>" for v in row)
         attr = f' class="{cls}"' if cls else ""
         body.append(f"<tr{attr}>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>\n"
+
+
+def _folded(summary: str, body: str) -> str:
+    """A long part the reader opens on demand (no script: an HTML ``<details>``)."""
+    return f"<details><summary>{_esc(summary)}</summary>\n{body}</details>\n"
 
 
 def _na(what: str) -> str:
@@ -664,8 +730,24 @@ def _anat_section(page: _Page, anat: Path, session: str) -> str:
     mni = [p for p in find_files(anat, "T1w", ".nii.gz", desc="preproc")
            if parse_entities(p.name)[0].get("space", "T1w") not in ("T1w", "")]
     if not mni:
-        out += _na("MNI-space T1w (*_space-MNI*_desc-preproc_T1w.nii.gz); check skipped")
-        return out
+        # the pipeline keeps the T1w native and brings the atlases in through the inverse
+        # of the MNI registration: the atlas on the T1w shows that registration
+        atlases = [p for p in find_files(anat, "dseg", ".nii.gz", space="T1w")
+                   if parse_entities(p.name)[0].get("atlas")]
+        if t1w is None or not atlases:
+            out += _na("MNI-space T1w (*_space-MNI*_desc-preproc_T1w.nii.gz) or atlas on the "
+                       "T1w (*_atlas-*_space-T1w_dseg.nii.gz); check skipped")
+            return out
+
+        def build_atlas() -> str:
+            mask = _first(find_files(anat, "mask", ".nii.gz", desc="brain", space=None))
+            svg = anat_mosaic_svg(nb.load(t1w), mask=nb.load(mask) if mask else None,
+                                  labels=nb.load(atlases[0]))
+            atlas = parse_entities(atlases[0].name)[0]["atlas"]
+            caption = (f"{atlases[0].name}: atlas {atlas} warped from MNI to the T1w "
+                       "(colours) and brain mask (red); parcels should sit in grey matter.")
+            return f'<div class="figures">{page.figure(svg, caption)}</div>\n'
+        return out + page.guarded("T1w to MNI", build_atlas)
 
     def build_mni() -> str:
         space = parse_entities(mni[0].name)[0]["space"]
@@ -879,7 +961,8 @@ def load_trajectories(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         ``label, session, role, order, value, se``, one row per metric and session.
     summary : pandas.DataFrame
         ``label, maintenance_class, class_probability, probabilities, acute_change,
-        maintenance_change, group``, one row per metric, in file order.
+        maintenance_change, group`` and the identity columns of the table (``metric``,
+        ``modality``, ``network`` ...), one row per metric, in file order.
     """
     table = _read_tsv(path)
     if "metric" not in table:
@@ -925,12 +1008,15 @@ def load_trajectories(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                          for c in prob_cols if rows[c].notna().any()}
         klass = _pick(row, ("maintenance_class", "class", "trajectory_class"))
         prob = _pick(row, ("class_probability", "maintenance_class_probability", "probability"))
-        if prob is None and probabilities:
-            key = str(klass) if klass is not None and str(klass) in probabilities else max(
+        if prob is None and probabilities and (klass is None or str(klass) in probabilities):
+            # only the called class's own probability; a class outside the probability
+            # columns (no_acute_change) has none
+            key = str(klass) if klass is not None else max(
                 probabilities, key=lambda k: probabilities[k])
             prob = probabilities[key]
             klass = klass if klass is not None else key
         summary.append({
+            **{c: row[c] for c in _IDENTITY_COLUMNS if c in row},
             "label": label, "maintenance_class": klass,
             "class_probability": prob, "probabilities": probabilities,
             "acute_change": _pick(row, ("acute_change", "change_acute", "delta_acute")),
@@ -938,9 +1024,10 @@ def load_trajectories(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                                               "delta_maintenance")),
             "group": _pick(row, ("group",)),
         })
+    identity = [c for c in _IDENTITY_COLUMNS if c in table]
     return points, pd.DataFrame(summary, columns=[
         "label", "maintenance_class", "class_probability", "probabilities", "acute_change",
-        "maintenance_change", "group"])
+        "maintenance_change", "group", *identity])
 
 
 def _trajectory_files(output_dir: Path, subject: str) -> list[Path]:
@@ -969,7 +1056,8 @@ def _is_control(group: object) -> bool:
 
 
 def _cohort_trajectories(output_dir: Path) -> pd.DataFrame:
-    """Every subject's trajectory points with ``subject`` and ``group`` (unreadable skipped)."""
+    """Every subject's trajectory points with ``subject``, ``group`` and the identity columns
+    of the metric (unreadable tables skipped)."""
     groups = _subject_groups(output_dir)
     frames = []
     for sub_dir in sorted(output_dir.glob("sub-*")):
@@ -981,7 +1069,10 @@ def _cohort_trajectories(output_dir: Path) -> pd.DataFrame:
                 continue
             group = groups.get(subject) or next(
                 (g for g in summary["group"] if isinstance(g, str) and g), None)
-            frames.append(points.assign(subject=subject, group=group))
+            # identity columns too: they choose the key metrics (_metric_rank)
+            identity = summary[["label", *(c for c in _IDENTITY_COLUMNS if c in summary)]]
+            frames.append(points.merge(identity, on="label", how="left").assign(
+                subject=subject, group=group))
     if not frames:
         return pd.DataFrame(columns=["label", "session", "role", "order", "value", "se",
                                      "subject", "group"])
@@ -1000,23 +1091,77 @@ def control_ranges(cohort: pd.DataFrame) -> pd.DataFrame:
     return stats[["label", "role", "mean", "sd", "count"]]
 
 
-def _choose_metrics(labels: Sequence[str]) -> list[str]:
-    key = [lab for lab in labels if KEY_METRIC_PATTERN.search(lab)]
-    return (key or list(labels))[:_MAX_TRAJECTORIES]
+def _text(value: object) -> str:
+    return "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)
+
+
+def _metric_rank(identity: Mapping[str, Any]) -> int | None:
+    """Place of a metric on the trajectory page, ``None`` for metrics not shown.
+
+    In order: FC between/within the DMN, salience and frontoparietal networks; global
+    coupling; hippocampal volume; SC between those networks; coupling in them; other FC
+    measures of them; other hippocampal measures (anchored connectivity); other measures of
+    those networks.  With only a label (no identity columns), :data:`KEY_METRIC_PATTERN`.
+    """
+    get = {k: _text(identity.get(k)) for k in (*_IDENTITY_COLUMNS, "label")}
+    metric, modality = get["metric"].lower(), get["modality"].lower()
+    networks = [get[k] for k in ("network", "network_a", "network_b") if get[k]]
+    if not metric:
+        return 8 if KEY_METRIC_PATTERN.search(get["label"]) else None
+    all_key = bool(networks) and all(_KEY_NETWORK.search(n) for n in networks)
+    any_key = any(_KEY_NETWORK.search(n) for n in networks)
+    coupling = modality == "coupling" or bool(re.search(r"coupling|sc_fc", metric))
+    hippocampus = "hippocamp" in f"{metric} {get['node']} {' '.join(networks)}".lower()
+    structural = modality == "sc"
+    if metric == "connectivity" and all_key:
+        return 3 if structural else 0
+    if coupling and not networks and not get["node"]:
+        return 1
+    if hippocampus and (modality == "anat" or "volume" in metric):
+        return 2
+    if coupling and any_key:
+        return 4
+    if any_key and not structural:
+        return 5
+    if hippocampus:
+        return 6
+    if any_key:
+        return 7
+    return None
+
+
+def _choose_metrics(table: pd.DataFrame) -> list[str]:
+    """Labels of at most :data:`_MAX_TRAJECTORIES` key metrics (:func:`_metric_rank` order;
+    the first ones in file order when none is a key metric)."""
+    rows = table.to_dict("records")
+    ranked = sorted(((rank, i, row["label"]) for i, row in enumerate(rows)
+                     if (rank := _metric_rank(row)) is not None), key=lambda r: r[:2])
+    labels = [label for _, _, label in ranked] or [row["label"] for row in rows]
+    return list(dict.fromkeys(labels))[:_MAX_TRAJECTORIES]
 
 
 def _class_text(info: Mapping[str, Any]) -> str:
     parts = []
     klass = info.get("maintenance_class")
-    if klass is not None:
+    if klass == NO_ACUTE_CHANGE:
+        # the acute change is within noise, so "toward pre-ECT" has no direction: the
+        # class probabilities (still in the table) mean nothing and are not shown
+        parts.append(f'Maintenance class: <span class="class">{_esc(klass)}</span> '
+                     "(acute change within noise: no class probability)")
+    elif klass is not None:
         prob = info.get("class_probability")
-        prob_text = f" (p = {_fmt(prob)})" if prob is not None else ""
+        if prob is not None and not pd.isna(prob):
+            prob_text = f" (p = {_fmt(prob)})"
+        elif info.get("no_se"):
+            prob_text = " (no standard error: a point classification, no probability)"
+        else:
+            prob_text = " (no class probability)"
         parts.append(f'Maintenance class: <span class="class">{_esc(klass)}</span>'
                      f"{_esc(prob_text)}")
     else:
         parts.append("Maintenance class: not available")
     probabilities = info.get("probabilities") or {}
-    if probabilities:
+    if probabilities and klass != NO_ACUTE_CHANGE:
         parts.append("Class probabilities: " + ", ".join(
             f"{_esc(k)} {_esc(_fmt(v))}" for k, v in probabilities.items()))
     for key, text in (("acute_change", "Acute change (post - pre)"),
@@ -1043,20 +1188,25 @@ def _trajectory_page(page: _Page, output_dir: Path, subject: str) -> str:
     for path in files:
         def build(path: Path = path) -> str:
             points, summary = load_trajectories(path)
-            text = f"<h3>{_esc(path.name)}</h3>\n"
-            for label in _choose_metrics(list(summary["label"])):
+            chosen = _choose_metrics(summary)
+            text = (f"<h3>{_esc(path.name)}</h3>\n<p>{len(chosen)} of {len(summary)} metrics: "
+                    "FC of the default-mode, salience and frontoparietal networks, "
+                    "structure-function coupling and hippocampal volume first; every metric "
+                    f'is in the table.</p>\n<div class="trajectories">\n')
+            for label in chosen:
                 pts = points[points["label"] == label].copy()
                 pts["tick"] = [f"{s}\n({r})" if isinstance(r, str) and r and r != s else str(s)
                                for s, r in zip(pts["session"], pts["role"], strict=True)]
                 band = ranges[ranges["label"] == label][["role", "mean", "sd"]]
                 svg = trajectory_svg(pts, control=band if len(band) else None, title=label)
                 info = summary[summary["label"] == label].iloc[0].to_dict()
-                values = ", ".join(f"{s}: {_fmt(v)}" for s, v in
-                                   zip(pts["session"], pts["value"], strict=True))
+                info["no_se"] = bool(pts["se"].isna().all())
+                values = ", ".join(f"{s}: {v}" for s, v in zip(
+                    pts["session"], _fmt_distinct(pts["value"].to_numpy(float)), strict=True))
                 text += (f'<div class="trajectory">{page.figure(svg)}<div class="info">'
                          f"<b>{_esc(label)}</b><br>{_class_text(info)}<br>"
                          f"Values: {_esc(values)}</div></div>\n")
-            return text
+            return text + "</div>\n"
         out += page.guarded(path.name, build)
     return out + "</section>\n"
 
@@ -1100,6 +1250,7 @@ def _errors_section(output_dir: Path, subject: str | None) -> str:
     crashes = crash_summaries(output_dir, subject)
     if crashes.empty:
         return out + "<p>No crash reports found under logs/.</p>\n</section>\n"
+    crashes = crashes[["session", "node", "error", "file"]]  # the long path last
     return out + table_html(crashes, row_class=["flag"] * len(crashes)) + "</section>\n"
 
 
@@ -1223,19 +1374,43 @@ def _cohort_section(output_dir: Path) -> str:
 
 
 def _stats_table(output_dir: Path) -> tuple[pd.DataFrame, Path] | None:
-    paths = sorted((output_dir / "group").glob("*lme*stats*.tsv")) or sorted(
-        (output_dir / "group").glob("*_stats.tsv"))
+    # not any *_stats.tsv: the maintenance-class counts are stats too, but no model
+    default = output_dir / GROUP_OUTPUTS["lme"]
+    paths = [default] if default.exists() else sorted(
+        (output_dir / "group").glob("*lme*stats*.tsv"))
     if not paths:
         return None
     return _read_tsv(paths[0]), paths[0]
+
+
+def _compact_stats(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """One ``metric`` label column instead of the identity columns, without the columns
+    that say nothing (empty everywhere, or a fit flag at its normal value everywhere)."""
+    identity = [c for c in _IDENTITY_COLUMNS if c in table]
+    shown = table.drop(columns=[*identity, "skipped"], errors="ignore")
+    if identity:
+        shown.insert(0, "metric", _metric_labels(table).to_numpy())
+    notes = []
+    for column, normal, text in (("converged", True, "every fit converged"),
+                                 ("singular", False, "no fit was singular")):
+        if column in shown and shown[column].astype(str).str.lower().eq(str(normal).lower()
+                                                                        ).all():
+            shown = shown.drop(columns=column)
+            notes.append(text)
+    empty = [c for c in shown.columns
+             if shown[c].isna().all() or shown[c].astype(str).str.strip().eq("").all()]
+    return shown.drop(columns=empty), notes
 
 
 def _stats_section(output_dir: Path) -> tuple[str, list[str]]:
     out = '<section class="page" id="models"><h2>Mixed models</h2>\n'
     found = _stats_table(output_dir)
     if found is None:
-        return out + _na("Mixed-model statistics (group/*lme_stats*.tsv)") + "</section>\n", []
+        return out + _na(f"Mixed-model statistics ({GROUP_OUTPUTS['lme']})") + "</section>\n", []
     table, path = found
+    reason = (table["skipped"].fillna("").astype(str).str.strip() if "skipped" in table
+              else pd.Series("", index=table.index))
+    skipped, table = table[reason != ""], table[reason == ""]
     q_col = next((c for c in _Q_COLUMNS if c in table), None)
     p_col = next((c for c in _P_COLUMNS if c in table), None)
     sort_col = q_col or p_col
@@ -1244,11 +1419,29 @@ def _stats_section(output_dir: Path) -> tuple[str, list[str]]:
         table = table.sort_values(sort_col, kind="stable", na_position="last")
     table = table.reset_index(drop=True)
     significant = (table[q_col] < 0.05).to_numpy() if q_col else np.zeros(len(table), bool)
-    out += (f"<p>{_esc(path.name)}: {len(table)} rows, {int(significant.sum())} with "
-            f"q &lt; 0.05 (highlighted).</p>\n")
-    if q_col is None:
-        out += '<p class="na">q-values: not available (no q column).</p>\n'
-    out += table_html(table, row_class=["highlight" if s else "" for s in significant])
+    if table.empty:
+        out += (f"<p>{_esc(path.name)}: no contrast could be estimated (reasons below).</p>\n")
+    else:
+        shown, notes = _compact_stats(table)
+        out += (f"<p>{_esc(path.name)}: {len(table)} fitted contrasts, "
+                f"{int(significant.sum())} with q &lt; 0.05 (highlighted), sorted by "
+                f"{_esc(sort_col or 'file order')}" + "".join(f"; {_esc(n)}" for n in notes)
+                + ".</p>\n")
+        if q_col is None:
+            out += '<p class="na">q-values: not available (no q column).</p>\n'
+        classes = ["highlight" if s else "" for s in significant]
+        n_top = max(_MAX_TABLE_ROWS, int(significant.sum()))
+        out += table_html(shown.iloc[:n_top], row_class=classes[:n_top])
+        if len(shown) > n_top:
+            out += _folded(f"The other {len(shown) - n_top} contrasts",
+                           table_html(shown.iloc[n_top:], row_class=classes[n_top:]))
+    if len(skipped):
+        # one line per reason: tens of identical "not fitted" rows would bury the results
+        why = skipped.assign(reason=reason[reason != ""])
+        keys = [c for c in ("model", "reason") if c in why]
+        counts = why.groupby(keys, sort=True).size().reset_index(name="contrasts")
+        out += (f"<h3>Not fitted</h3>\n<p>{len(skipped)} contrasts of {_esc(path.name)} "
+                "were not estimated:</p>\n" + table_html(counts))
     top = list(dict.fromkeys(_metric_labels(table))) if "metric" in table else []
     return out + "</section>\n", top
 
@@ -1258,8 +1451,9 @@ def _effects_section(page: _Page, cohort: pd.DataFrame, top: Sequence[str]) -> s
     if cohort.empty:
         return out + _na("Trajectories of the cohort (sub-*/sub-*_desc-trajectories*.tsv)") \
             + "</section>\n"
-    labels = list(dict.fromkeys(cohort["label"]))
-    chosen = [lab for lab in top if lab in set(labels)] or _choose_metrics(labels)
+    labels = set(cohort["label"])
+    chosen = [lab for lab in top if lab in labels] or _choose_metrics(
+        cohort.drop_duplicates("label"))
     figs = []
     for label in chosen[:_MAX_EFFECT_PLOTS]:
         part = cohort[cohort["label"] == label]
@@ -1269,23 +1463,44 @@ def _effects_section(page: _Page, cohort: pd.DataFrame, top: Sequence[str]) -> s
 
 
 def _classes_section(output_dir: Path) -> str:
+    """Maintenance-class counts over patients, as the group level computed them (controls and
+    QC-flagged sessions are left out there; recounting the trajectory tables would not)."""
+    relative = GROUP_OUTPUTS["class_counts"]
     out = '<section class="page" id="classes"><h2>Maintenance classes</h2>\n'
-    rows = []
-    for path in sorted(output_dir.glob("sub-*/sub-*_*desc-trajectories*.tsv")):
-        try:
-            _, summary = load_trajectories(path)
-        except (OSError, ValueError, KeyError):
-            continue
-        rows.append(summary.assign(subject=path.parent.name))
-    summary = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-    if summary.empty or summary["maintenance_class"].isna().all():
-        return out + _na("Maintenance classes (trajectory tables)") + "</section>\n"
-    known = summary.dropna(subset=["maintenance_class"])
-    counts = pd.crosstab(known["label"], known["maintenance_class"].astype(str))
-    counts = counts.reindex(list(dict.fromkeys(known["label"]))).reset_index()
-    counts = counts.rename(columns={"label": "metric"})
-    counts.columns.name = None
-    return out + table_html(counts) + "</section>\n"
+    path = output_dir / relative
+    if not path.exists():
+        return out + _na(f"Maintenance classes ({relative}; run the group level)") \
+            + "</section>\n"
+    table = _read_tsv(path)
+    if table.empty:
+        return out + f"<p>{_esc(relative)}: no patient with a maintenance session.</p>\n" \
+            + "</section>\n"
+    counts = [c for c in table.columns if c.startswith("n_") and c != "n_subjects"]
+    shown = pd.DataFrame({"metric": _metric_labels(table)})
+    for column in ("n_subjects", *counts, "median_retention",
+                   *(c for c in table.columns if c.startswith("mean_p_"))):
+        if column in table:
+            name = "patients" if column == "n_subjects" else column
+            shown[name.removeprefix("n_") if column in counts else name] = table[column]
+    meta = _sidecar(path)
+    flagged = ("included" if meta.get("IncludeFlagged") else "left out"
+               ) if "IncludeFlagged" in meta else "as configured at the group level"
+    out += (f"<p>{_esc(relative)}: patients only, each at their last maintenance session; "
+            f"QC-flagged sessions {_esc(flagged)}. Columns regression … no_acute_change count "
+            "patients; mean_p_* average the class probabilities of every patient counted, "
+            "no_acute_change ones included.</p>\n")
+    if len(shown) <= _MAX_TABLE_ROWS:
+        return out + table_html(shown) + "</section>\n"
+    # hundreds of metrics: totals, then the key metrics, then everything folded
+    totals = pd.DataFrame([{"metrics": len(shown),
+                            **{c.removeprefix("n_"): int(table[c].sum()) for c in counts}}])
+    ranks = [_metric_rank(row) for row in table.to_dict("records")]
+    key = sorted((r, i) for i, r in enumerate(ranks) if r is not None)
+    out += "<p>Patient x metric counts over all metrics:</p>\n" + table_html(totals)
+    if key:
+        rows = [i for _, i in key[:_MAX_TRAJECTORIES]]
+        out += "<h3>Key metrics</h3>\n" + table_html(shown.iloc[rows])
+    return out + _folded(f"All {len(shown)} metrics", table_html(shown)) + "</section>\n"
 
 
 def write_group_report(output_dir: Path) -> Path:

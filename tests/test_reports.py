@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import reports
-from pipeline.derivatives import write_tsv
+from pipeline import groupstats, longitudinal, reports
+from pipeline.derivatives import write_json, write_tsv
 
 ATLAS = "Toy"
 NETWORKS = ["Visual", "DefaultMode", "Salience", "DefaultMode", "Salience", "DefaultMode",
@@ -79,6 +79,9 @@ def _session(root: Path, subject: str, session: str, rng: np.random.Generator,
         _nifti(ses / "anat" / f"{stem}_desc-brain_mask.nii.gz", mask.astype(float))
         _nifti(ses / "anat" / f"{stem}_label-GM_probseg.nii.gz", (radius > 3) & mask)
         _nifti(ses / "anat" / f"{stem}_label-WM_probseg.nii.gz", radius <= 3)
+        # the atlas brought to the T1w by the MNI registration: left/right halves of the brain
+        halves = np.where(mask, 1 + (grid[0] > 0), 0)
+        _nifti(ses / "anat" / f"{stem}_atlas-{ATLAS}_space-T1w_dseg.nii.gz", halves)
     if func:
         n = len(NAMES)
         a = rng.normal(size=(n, n))
@@ -123,10 +126,10 @@ def _session(root: Path, subject: str, session: str, rng: np.random.Generator,
     return planted
 
 
-@pytest.fixture
-def derivatives(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, dict]:
-    root = tmp_path / "out"
-    planted = {}
+def build_derivatives(root: Path, rng: np.random.Generator) -> dict:
+    """A patient (three sessions, the last diffusion-only) and two controls, their
+    trajectories, the group tables, logs and two crash files; returns the planted numbers."""
+    planted: dict = {}
     subjects = {"01": ("patient", "regression"), "c1": ("control", "none"),
                 "c2": ("control", "none")}
     for subject, (group, klass) in subjects.items():
@@ -145,12 +148,26 @@ def derivatives(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, dict]:
                             "role": role, "group": g}
                            for s, (g, _) in subjects.items() for ses, role in SESSIONS])
     write_tsv(root / "group" / "cohort_sessions.tsv", cohort)
+    # class counts as the group level writes them: from every subject's changes, patients only
+    long = pd.concat([planted[s].assign(subject=s) for s in subjects], ignore_index=True)
+    long = long.rename(columns={"network_a": "network"})[
+        ["subject", "session", "role", "order", "group", "metric", "network", "network_b",
+         "value", "se"]]
+    changes = longitudinal.change_table(longitudinal.prepare_long_table(long))
+    classes = root / groupstats.GROUP_OUTPUTS["class_counts"]
+    write_tsv(classes, groupstats.class_counts(changes))
+    write_json(classes.with_suffix(".json"), {"IncludeFlagged": False})
     write_tsv(root / "group" / "group_desc-lme_stats.tsv", pd.DataFrame({
-        "metric": ["connectivity", "connectivity", "hippocampal_volume"],
-        "network_a": ["DefaultMode", "Salience", ""], "network_b": ["DefaultMode",
-                                                                     "DefaultMode", ""],
-        "term": ["role[post]"] * 3, "effect": [-0.123, 0.045, 0.0031],
-        "p": [0.0004, 0.2, 0.01], "q": [0.0012, 0.3, 0.015]}))
+        "metric": ["connectivity", "connectivity", "hippocampal_volume", "coupling",
+                   "coupling"],
+        "network_a": ["DefaultMode", "Salience", "", "", ""],
+        "network_b": ["DefaultMode", "DefaultMode", "", "", ""], "node": [""] * 5,
+        "model": ["patient"] * 3 + ["control"] * 2,
+        "term": ["role[post]"] * 5, "effect": [-0.123, 0.045, 0.0031, np.nan, np.nan],
+        "p": [0.0004, 0.2, 0.01, np.nan, np.nan], "q": [0.0012, 0.3, 0.015, np.nan, np.nan],
+        "converged": [True, True, True, False, False],
+        "skipped": ["", "", "", *["control: fewer than 3 subjects with a pre-ECT value"] * 2],
+    }))
     logs = root / "logs"
     (logs / "crash-20260101").mkdir(parents=True)
     (logs / "CITATION.md").write_text("Preprocessing used Trajectome (https://example.org).\n")
@@ -159,7 +176,13 @@ def derivatives(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, dict]:
         f"Traceback (most recent call last):\n  File x\n{CRASH_MESSAGE}\n")
     (logs / "crash-20260101" / "crash-002.txt").write_text(
         "Node: trajectome_wf.sub_c1_wf.anat_wf.preproc\nRuntimeError: other subject\n")
-    return root, planted
+    return planted
+
+
+@pytest.fixture
+def derivatives(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, dict]:
+    root = tmp_path / "out"
+    return root, build_derivatives(root, rng)
 
 
 def _report(root: Path) -> str:
@@ -182,10 +205,13 @@ def test_subject_report_sections_figures_and_numbers(derivatives):
                     "<h3>Connectomes</h3>", "<h3>Tractography</h3>", "<h3>QC flags</h3>",
                     '<h2>Trajectories</h2>', "<h2>Methods</h2>", "<h2>Errors</h2>"):
         assert heading in text
-    # pre and post: anatomy, FD, carpet, FC, SC; maintenance: SC only; trajectories: the 3
-    # key metrics (DMN within, salience-DMN, hippocampus), not the Visual control metric
-    assert text.count("<svg") == 5 + 5 + 1 + 3
-    assert text.count("data:image/png;base64,") >= 2 * 8 + 1  # 5 slices + carpet + 2 matrices
+    # pre and post: anatomy, atlas on the T1w, FD, carpet, FC, SC; maintenance: SC only;
+    # trajectories: the 3 key metrics (DMN within, salience-DMN, hippocampus), not the
+    # Visual control metric
+    assert text.count("<svg") == 6 + 6 + 1 + 3
+    # 5 slices (+ contours) for the T1w and again for the atlas, carpet and 2 matrices
+    assert text.count("data:image/png;base64,") >= 2 * 13 + 1
+    assert "atlas Toy warped from MNI to the T1w (colours)" in text
     assert "DefaultMode · Salience" not in text and "Visual · Visual" not in text
     for label in ("connectivity · DefaultMode", "connectivity · Salience · DefaultMode",
                   "hippocampal_volume"):
@@ -250,7 +276,7 @@ def test_unreadable_file_becomes_a_message(derivatives):
     bad.write_text("Node\tP00\nP00\t1\nP01\t2\n")
     text = _report(root)
     assert "could not be drawn (ValueError" in text and "not a square relmat" in text
-    assert text.count("<svg") == 5 + 5 + 1 + 3 - 1
+    assert text.count("<svg") == 6 + 6 + 1 + 3 - 1
 
 
 def test_group_report(derivatives):
@@ -262,7 +288,16 @@ def test_group_report(derivatives):
     assert "3 subjects, 9 sessions." in text
     assert "2 of 5 QC rows flagged." in text
     # q < 0.05 highlighted, sorted by q
-    assert "2 with q &lt; 0.05 (highlighted)" in text
+    assert "3 fitted contrasts, 2 with q &lt; 0.05 (highlighted), sorted by q" in text
+    models = text[text.index('id="models"'):text.index('id="effects"')]
+    # identity columns become one label; the empty node column and the skipped rows go,
+    # the skipped ones counted once per reason (converged: only True left, so dropped)
+    assert "<th>metric</th><th>model</th><th>term</th><th>effect</th><th>p</th><th>q</th>" \
+        "</tr>" in models and "every fit converged" in models
+    assert "<td class=\"text\">connectivity · Salience · DefaultMode</td>" in models
+    assert "coupling</td>" not in models.split("<h3>Not fitted</h3>")[0]
+    assert ("<tr><td class=\"text\">control</td><td class=\"text\">control: fewer than 3 "
+            "subjects with a pre-ECT value</td><td>2</td></tr>") in models
     assert text.count('<tr class="highlight">') == 2 and "<td>-0.123</td>" in text
     assert text.index("<td>0.0012</td>") < text.index("<td>0.015</td>") < text.index(
         "<td>0.3</td>")
@@ -270,9 +305,17 @@ def test_group_report(derivatives):
     assert text.count("<svg") == 3
     assert text.index("connectivity · DefaultMode: 3 subjects") < text.index(
         "hippocampal_volume: 3 subjects")
-    # class counts: one regression (sub-01) and two 'none' (controls) per metric
+    # class counts come from the group table, over patients only: every subject's values
+    # rise by 0.1 per session (SE 0.02), so the one patient is continued remodelling with
+    # retention (maint - pre) / (post - pre) = 2; the classes the trajectory tables carry
+    # (regression for the patient, 'none' for the two controls) are not recounted
     classes = text[text.index('id="classes"'):text.index('id="methods"')]
-    assert classes.count("<td>2</td><td>1</td>") == 4  # columns: none, regression
+    head = ("<th>metric</th><th>patients</th><th>regression</th><th>stabilisation</th>"
+            "<th>continued_<wbr>remodelling</th><th>no_<wbr>acute_<wbr>change</th>"
+            "<th>median_<wbr>retention</th>")
+    assert head in classes and "patients only" in classes
+    assert classes.count("<td>1</td><td>0</td><td>0</td><td>1</td><td>0</td><td>2</td>") == 4
+    assert "<th>none</th>" not in classes and "QC-flagged sessions left out" in classes
     assert "other subject" in text and CRASH_MESSAGE in text
     _no_remote_resources(text)
     assert reports.write_group_report(root).read_bytes() == text.encode()
@@ -304,3 +347,112 @@ def test_control_ranges_match_numpy(rng):
     np.testing.assert_allclose(ranges.loc["post", "sd"], values[:3, 1].std(ddof=1))
     assert reports.control_ranges(cohort[cohort["subject"] != "s1"].assign(
         group=lambda t: t["group"].where(t["subject"] != "s2", "patient"))).empty
+
+
+def test_class_without_probability_shows_none(tmp_path):
+    # trajectory tables as pipeline.group writes them: class_probability n/a for
+    # no_acute_change (the three posterior probabilities still filled in), and every
+    # probability n/a for a metric without SE (a point classification)
+    rows = []
+    for metric, klass, prob, p_reg, se in (
+            ("coupling", "no_acute_change", np.nan, 0.61, 0.05),
+            ("hippocampal_volume", "regression", 0.97, 0.97, 0.05),
+            ("hippocampus_volume_mm3", "regression", np.nan, np.nan, np.nan)):
+        for order, (session, role) in enumerate(SESSIONS, start=1):
+            rows.append({"subject": "02", "session": session, "role": role, "order": order,
+                         "metric": metric, "value": 356.47 + 0.01 * (order % 2), "se": se,
+                         "maintenance_class": klass, "class_probability": prob,
+                         "p_regression": p_reg, "p_stabilisation": 0.27 * (p_reg < 0.9),
+                         "p_continued_remodelling": 0.12 * (p_reg < 0.9)})
+    path = tmp_path / "sub-02" / "sub-02_desc-trajectories_metrics.tsv"
+    write_tsv(path, pd.DataFrame(rows))
+    _, summary = reports.load_trajectories(path)
+    summary = summary.set_index("label")
+    assert pd.isna(summary.loc["coupling", "class_probability"])
+    assert summary.loc["hippocampal_volume", "class_probability"] == 0.97
+    text = reports.write_subject_report(tmp_path, "02").read_text()
+    coupling = text[text.index("<b>coupling</b>"):text.index("<b>hippocampal_volume</b>")]
+    assert '<span class="class">no_acute_change</span> (acute change within noise' in coupling
+    assert "p = " not in coupling and "0.61" not in coupling
+    assert '<span class="class">regression</span> (p = 0.97)' in text
+    point = text[text.index("<b>hippocampus_volume_mm3</b>"):]
+    assert "(no standard error: a point classification, no probability)" in point
+    assert "p = " not in point
+    # values 0.01 apart around 356 keep the digits that tell them apart (not 356.5 thrice)
+    assert "Values: preECT: 356.48, postECT: 356.47, maint: 356.48<" in point
+
+
+def test_trajectory_page_shows_key_metrics_first(tmp_path):
+    # the layout pipeline.group writes (KEY_COLUMNS of pipeline.longitudinal), in its file
+    # order: anat, coupling (global + one row per network), fc, sc
+    keys = [("anat", "volume_mm3", "structure", "", "", "hippocampus_L"),
+            ("coupling", "sc_fc_spearman", "global", "", "", ""),
+            *(("coupling", "sc_fc_spearman", "network", n, "", "")
+              for n in ("Auditory", "DefaultMode", "Visual")),
+            *(("fc", "connectivity", "network_pair", a, b, "")
+              for a, b in (("Auditory", "Visual"), ("DefaultMode", "DefaultMode"),
+                           ("DefaultMode", "Salience"), ("DefaultMode", "Visual"))),
+            ("fc", "strength", "network", "FrontoParietal", "", ""),
+            ("fc", "anchored_connectivity", "anchor_network", "hippocampus", "Visual", ""),
+            ("sc", "connectivity", "network_pair", "Salience", "Salience", ""),
+            ("sc", "strength", "network", "Visual", "", "")]
+    rows = [{"subject": "03", "modality": m, "atlas": "A", "metric": metric, "scope": scope,
+             "network": net, "network_b": net_b, "node": node, "session": ses, "role": role,
+             "order": order, "value": 0.1 * order, "se": 0.01, "maintenance_class": "",
+             "class_probability": np.nan}
+            for m, metric, scope, net, net_b, node in keys
+            for order, (ses, role) in enumerate(SESSIONS, start=1)]
+    write_tsv(tmp_path / "sub-03" / "sub-03_desc-trajectories_metrics.tsv", pd.DataFrame(rows))
+    text = reports.write_subject_report(tmp_path, "03").read_text()
+    shown = re.findall(r"<b>([^<]+)</b>", text)
+    assert shown == [
+        "connectivity · fc · network_pair · DefaultMode · A",  # within: DMN once
+        "connectivity · fc · network_pair · DefaultMode · Salience · A",
+        "sc_fc_spearman · coupling · global · A",
+        "volume_mm3 · anat · structure · hippocampus_L · A",
+        "connectivity · sc · network_pair · Salience · A",
+        "sc_fc_spearman · coupling · network · DefaultMode · A",
+        "connectivity · fc · network_pair · DefaultMode · Visual · A",  # one key network
+        "strength · fc · network · FrontoParietal · A",
+        "anchored_connectivity · fc · anchor_network · hippocampus · Visual · A",
+    ]
+    assert f"{len(shown)} of {len(keys)} metrics" in text
+
+
+def test_matrix_labels_do_not_overlap():
+    # 300 parcels: three 2-parcel networks between big ones cannot all be labelled
+    sizes = {"BigA": 100, "TinyB": 2, "TinyC": 2, "TinyD": 2, "BigE": 94, "BigF": 100}
+    networks = {f"p{i}": net for i, net in enumerate(
+        n for n, size in sizes.items() for _ in range(size))}
+    matrix = pd.DataFrame(np.eye(300), index=list(networks), columns=list(networks))
+    for svg in (reports.matrix_svg(matrix, networks),
+                reports.carpet_svg(pd.DataFrame(np.eye(300)[:20], columns=list(networks)),
+                                   networks)):
+        assert all(big in svg for big in ("BigA", "BigE", "BigF"))
+        assert sum(tiny in svg for tiny in ("TinyB", "TinyC", "TinyD")) == 1
+
+
+def test_group_tables_fold_and_say_when_nothing_was_fitted(tmp_path):
+    # 60 metrics: more than the 50 rows a group table shows before folding the rest
+    networks = [f"Net{i:02d}" for i in range(59)] + ["DefaultMode"]
+    classes = pd.DataFrame({
+        "modality": "fc", "atlas": "A", "metric": "strength", "scope": "network",
+        "network": networks, "network_b": "", "node": "", "n_regression": 1,
+        "n_stabilisation": 0, "n_continued_remodelling": 0, "n_no_acute_change": 2,
+        "n_subjects": 3, "median_retention": 0.5})
+    write_tsv(tmp_path / groupstats.GROUP_OUTPUTS["class_counts"], classes)
+    write_tsv(tmp_path / groupstats.GROUP_OUTPUTS["lme"], classes[["metric", "network"]].assign(
+        model="patient", contrast="post_vs_pre", estimate=np.nan, p=np.nan, q=np.nan,
+        converged=False, skipped="fewer than 3 subjects with a pre-ECT value"))
+    text = reports.write_group_report(tmp_path).read_text()
+    models = text[text.index('id="models"'):text.index('id="effects"')]
+    assert "no contrast could be estimated" in models and "converged" not in models
+    assert ('<td class="text">fewer than 3 subjects with a pre-ECT value</td><td>60</td>'
+            in models)
+    section = text[text.index('id="classes"'):text.index('id="methods"')]
+    # totals over the 60 metrics, the one key metric (DMN), then all 60 folded
+    assert "<td>60</td><td>60</td><td>0</td><td>0</td><td>120</td>" in section
+    key = section[section.index("Key metrics"):section.index("<details>")]
+    assert key.count("<tr>") == 2 and "strength · fc · network · DefaultMode · A" in key
+    folded = section[section.index("<details>"):]
+    assert "<summary>All 60 metrics</summary>" in folded and folded.count("<tr>") == 61
