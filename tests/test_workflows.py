@@ -5,7 +5,7 @@ from bids_builder import SessionSpec, build_bids
 
 from pipeline.bids import collect_subjects
 from workflows.anat import AtlasFiles
-from workflows.base import Options, init_trajectome_wf
+from workflows.base import FuncOptions, Options, init_trajectome_wf
 from workflows.engine import collect_methods
 
 
@@ -90,6 +90,70 @@ def test_full_graph_feeds_every_connectome_into_the_metrics(subjects, tmp_path):
     assert "{qsiprep," not in bib and "{satterthwaite2013," in bib  # raw DWI path, 36P text
     for key in ("trajectome", "nipype1", "ants", "dipy", "power2012", "ciric2017", "xcpd"):
         assert f"{{{key}," in bib
+
+
+def _fake_fmriprep(subjects, root):
+    """Empty fMRIPrep outputs for every BOLD run (the graph only checks that they exist)."""
+    from workflows.interfaces.func import find_fmriprep_run
+
+    for subject in subjects:
+        for session in subject.sessions:
+            for run in session.bold:
+                stem = run.path.name.split(".nii")[0].removesuffix("_bold")
+                folder = root / f"sub-{subject.label}"
+                folder = (folder / f"ses-{session.label}" if session.label else folder) / "func"
+                folder.mkdir(parents=True, exist_ok=True)
+                for suffix in ("space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz",
+                               "space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz",
+                               "desc-confounds_timeseries.tsv"):
+                    (folder / f"{stem}_{suffix}").touch()
+                assert find_fmriprep_run(root, run.path)["bold"]  # the layout the app reads
+
+
+@pytest.mark.parametrize(
+    ("modalities", "with_fmriprep", "anatomy"),
+    [
+        (("func",), True, False),   # template-space BOLD: nothing needs the T1w
+        (("func",), False, True),   # raw BOLD: coregistration and MNI resampling need it
+        (("func", "dwi"), True, True),  # DWI always uses the anatomy
+        (("anat", "func"), True, True),
+    ],
+)
+def test_anatomy_built_only_when_needed(subjects, tmp_path, modalities, with_fmriprep, anatomy):
+    atlas = AtlasFiles("Test", tmp_path / "atlas.nii.gz", tmp_path / "atlas.tsv")
+    atlas.image.touch()
+    atlas.table.write_text("index\tname\tnetwork\n1\ta\tDefault\n")
+    fmriprep = tmp_path / "fmriprep" if with_fmriprep else None
+    if fmriprep:
+        _fake_fmriprep(subjects, fmriprep)
+    options = Options(modalities=modalities, func=FuncOptions(fmriprep_dir=fmriprep))
+    wf = init_trajectome_wf(subjects=subjects, output_dir=tmp_path, version="1.2.3",
+                            atlases=[atlas], options=options, sloppy=True)
+    flat = wf._create_flat_graph()
+    names = {n.fullname for n in flat.nodes}
+    into = {}
+    for src, dst, data in flat.edges(data=True):
+        into.setdefault(dst.fullname, set()).update(f"{src.fullname}:{a}" for a, _ in
+                                                    data["connect"])
+    prefix = "trajectome_1_2_wf.sub_01_wf."
+    assert any(n.startswith(prefix + "anat_wf.") for n in names) == anatomy
+    for ses in ("pre", "post"):
+        feeds = {s.split(":")[0].rsplit(".", 1)[-1]
+                 for s in into[f"{prefix}metrics_Test_ses_{ses}"]}
+        # FC always reaches the metrics; volumes only when the anatomy exists
+        assert {f"pick_fc_relmat_metrics_Test_ses_{ses}",
+                f"pick_fc_timeseries_metrics_Test_ses_{ses}"} <= feeds
+        assert (f"pick_volumes_metrics_Test_ses_{ses}" in feeds) == anatomy
+        func = f"{prefix}func_ses_{ses}_wf."
+        coreg = [dst for dst in into if dst.startswith(func + "coreg_")]
+        assert bool(coreg) != with_fmriprep  # the raw path registers BOLD to the T1w
+        if coreg:
+            assert all(f"{func}inputnode:t1w_preproc" in into[dst] for dst in coreg)
+            assert any(".anat_wf." in s for s in into[func + "inputnode"])
+    # sub-02 has no T1w: from fMRIPrep it still gets FC, never an anatomy
+    sub02 = "trajectome_1_2_wf.sub_02_wf."
+    assert not any(n.startswith(sub02 + "anat_wf.") for n in names)
+    assert any(n.startswith(sub02 + "func_") for n in names) == with_fmriprep
 
 
 @pytest.mark.parametrize(

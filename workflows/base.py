@@ -165,6 +165,18 @@ def anatomy_session(subject: Subject, session: Session) -> Session | None:
     return min(candidates, key=lambda s: (abs(s.order - session.order), s.order))
 
 
+def anatomy_needed(options: Options) -> bool:
+    """Whether the requested modalities need the anatomical workflow.
+
+    ``anat`` itself, ``dwi`` (both the raw and the QSIPrep paths use the T1w, tissues and
+    native atlas) and ``func`` from raw BOLD (coregistration and MNI resampling) do; ``func``
+    from fMRIPrep derivatives alone does not (already in template space).
+    """
+    modalities = set(options.modalities)
+    raw_func = "func" in modalities and options.func.fmriprep_dir is None
+    return bool(modalities & {"anat", "dwi"}) or raw_func
+
+
 def _session_key(session: Session) -> str:
     return f"ses_{node_label(session.label)}" if session.label else "single"
 
@@ -184,7 +196,8 @@ def init_single_subject_wf(
     Sessions without a T1w of their own use the nearest session's anatomy
     (:func:`anatomy_session`); a subject without any T1w gets functional connectomes
     only from fMRIPrep derivatives (the raw paths need the anatomy) and no structural
-    connectome.
+    connectome. The anatomy is built only when a requested modality needs it
+    (:func:`anatomy_needed`): ``--modalities func`` with fMRIPrep derivatives skips it.
     """
     options = options or Options()
     workflow = Workflow(name=node_label(f"sub_{subject.label}_wf"))
@@ -210,7 +223,7 @@ def init_single_subject_wf(
 
     anat_sessions = [s for s in subject.sessions if s.t1w]
     anat_wf = None
-    if anat_sessions and (set(options.modalities) & {"anat", "func", "dwi"}):
+    if anat_sessions and anatomy_needed(options):
         anat_wf = init_anat_wf(
             subject=subject.label,
             sessions=anat_sessions,
