@@ -9,6 +9,7 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from pipeline import derivatives
 from pipeline.bids import Session
 from pipeline.templates import DEFAULT_TEMPLATE
 from workflows.engine import Workflow
@@ -141,7 +142,8 @@ def init_anat_wf(
 
     sinks = _SinkFactory(workflow, output_dir, subject)
     if shared_to_mni is not None:
-        sinks.add(template, "template", {}, "T1w", ".nii.gz", desc="preproc")
+        sinks.add(template, "template", {}, "T1w", ".nii.gz", desc="preproc",
+                  meta={"SkullStripped": True})
         sinks.add(template, "template_mask", {}, "mask", ".nii.gz", desc="brain")
 
     for index, (session, key) in enumerate(zip(sessions, names, strict=True), start=1):
@@ -171,7 +173,10 @@ def init_anat_wf(
             ]),
             (to_mni_node, outputnode, [("transform", "to_mni")]),
         ])  # fmt: skip
-        sinks.add(preproc[key], "t1w_preproc", ses_entities, "T1w", ".nii.gz", desc="preproc")
+        sinks.add(preproc[key], "t1w_preproc", ses_entities, "T1w", ".nii.gz", desc="preproc",
+                  meta={"SkullStripped": False})
+        session_t1w = derivatives.build_path(
+            {"subject": subject, **ses_entities, "desc": "preproc"}, "T1w", ".nii.gz", "anat")
         sinks.add(preproc[key], "brain_mask", ses_entities, "mask", ".nii.gz", desc="brain")
         sinks.add(preproc[key], "dseg", ses_entities, "dseg", ".nii.gz")
         for tissue in ("gm", "wm", "csf"):
@@ -212,7 +217,8 @@ def init_anat_wf(
                     (split_transforms, volumes, [(f"out{index}", "to_template")]),
                 ])  # fmt: skip
             atlas_entities = {**ses_entities, "atlas": atlas.name}
-            sinks.add(warp, "out_file", {**atlas_entities, "space": "T1w"}, "dseg", ".nii.gz")
+            sinks.add(warp, "out_file", {**atlas_entities, "space": "T1w"}, "dseg", ".nii.gz",
+                      meta={"SpatialReference": f"bids::{session_t1w.as_posix()}"})
             sinks.add(
                 volumes, "out_file", {**atlas_entities, "statistic": "volume"}, "morph", ".tsv",
                 meta={column: {"Description": text} for column, text in VOLUME_COLUMNS.items()}

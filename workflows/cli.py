@@ -45,8 +45,11 @@ USER_ERRORS = (
     AtlasError,
 )
 
-BIDSIGNORE = ("logs/", "group/", "*.html", "*_relmat.*", "*_timeseries.*", "*_morph.*",
-              "*_dwimap.*")
+#: Not (yet) in the BIDS specification; directories without a trailing slash, as
+#: bids-validator-deno matches them.
+BIDSIGNORE = ("logs", "group", "atlases", "*.html", "*_relmat.*", "*_timeseries.*",
+              "*_morph.*", "*_dwimap.*", "*_metrics.*", "*_outliers.*", "*_xfm.*",
+              "*_desc-qc_*", "*_stat-coverage_*")
 
 
 def _setup_logging() -> None:
@@ -100,9 +103,11 @@ def prepare_output(config: Config) -> None:
         for orphan in derivatives.remove_stale_temporaries(config.output_dir):
             LOGGER.info("removed %s, left by an interrupted run", orphan)
         bidsignore = config.output_dir / ".bidsignore"
-        if not bidsignore.exists():
+        # keep what users added; append what a newer version ignores
+        present = bidsignore.read_text().splitlines() if bidsignore.exists() else []
+        if missing := [line for line in BIDSIGNORE if line not in present]:
             with derivatives.atomic_write(bidsignore) as handle:
-                handle.write("\n".join(BIDSIGNORE) + "\n")
+                handle.write("\n".join([*present, *missing]) + "\n")
     except OSError as err:
         reason = err.strerror or str(err)
         raise ConfigError(

@@ -25,7 +25,6 @@ from pipeline.templates import DEFAULT_TEMPLATE, load_template
 
 #: Column descriptions of the QC table (``desc-qc_bold.tsv``).
 QC_COLUMNS = {
-    "atlas": "Atlas the connectome was computed with.",
     "n_runs": "BOLD runs of the session used.",
     "n_volumes": "Volumes after dropping non-steady-state ones (all runs).",
     "n_dummy": "Initial non-steady-state volumes dropped (all runs).",
@@ -460,7 +459,8 @@ class DenoiseConnectivity(SimpleInterface):
         ok, reason = denoise.check_min_minutes(qc["remaining_minutes"], spec.min_minutes)
         dropped = sorted(set(spec.dropped if isdefined(spec.dropped) else [])
                          | {n for n, b in zip(names, bad, strict=True) if b})
-        qc_row = {"atlas": spec.atlas, "n_runs": len(runs), **qc,
+        # the atlas is the file's atlas- entity: a column of that name would clash with it
+        qc_row = {"n_runs": len(runs), **qc,
                   "n_dropped_parcels": len(dropped), "qc_pass": int(ok), "qc_reason": reason}
         qc_file = _cwd_file(runtime, "qc.tsv")
         write_tsv(qc_file, pd.DataFrame([qc_row], columns=list(QC_COLUMNS)))
