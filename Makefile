@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 EXAMPLE ?= bids_examples/ds-ect
 OUT ?= out/ds-ect
 WORK ?= work/ds-ect
+# cheap settings so the example finishes in minutes; EXAMPLE_ARGS= runs the real defaults
+EXAMPLE_ARGS ?= --sloppy
 
 .PHONY: example test test-slow venv clean
 
@@ -20,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 example: venv
-	$(BIN)/trajectome $(EXAMPLE) $(OUT) participant -w $(WORK)
+	$(BIN)/trajectome $(EXAMPLE) $(OUT) participant -w $(WORK) $(EXAMPLE_ARGS)
 	$(BIN)/trajectome $(EXAMPLE) $(OUT) group
 
 test: venv
