@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -262,3 +262,34 @@ def ensure_dataset_description(output_dir: str | Path, description: Mapping[str,
         except json.JSONDecodeError:
             pass
     return write_json(path, description)
+
+
+def file_checksums(paths: Iterable[str | Path], root: str | Path) -> pd.DataFrame:
+    """SHA-256 and size of each file, named relative to ``root`` (provenance of inputs).
+
+    JSON sidecars next to NIfTI images are included, since their metadata (TR, slice
+    timing, phase encoding) changes the results as much as the images do.
+    """
+    import hashlib
+
+    root = Path(root)
+    files: set[Path] = set()
+    for path in map(Path, paths):
+        files.add(path)
+        stem = path.name.split(".")[0]
+        sidecar = path.with_name(f"{stem}.json")
+        if sidecar.is_file():
+            files.add(sidecar)
+    rows = []
+    for path in sorted(files):
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                digest.update(block)
+        try:
+            name = path.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            name = str(path)
+        rows.append({"filename": name, "size_bytes": path.stat().st_size,
+                     "sha256": digest.hexdigest()})
+    return pd.DataFrame(rows, columns=["filename", "size_bytes", "sha256"])

@@ -112,6 +112,15 @@ def test_participant_and_group_levels(dataset, tmp_path):
         logs.glob("trajectome-*_versions.json")
     )
     assert "Trajectome" in (logs / "CITATION.md").read_text()
+    import hashlib
+
+    (inputs,) = logs.glob("trajectome-*_inputs.tsv")
+    checksums = pd.read_csv(inputs, sep="\t").set_index("filename")
+    bold = "sub-01/ses-pre/func/sub-01_ses-pre_task-rest_bold.nii.gz"
+    assert {bold, bold.replace(".nii.gz", ".json")} <= set(checksums.index)
+    assert any(name.endswith("_dwi.bvec") for name in checksums.index)
+    assert checksums.loc[bold, "sha256"] == hashlib.sha256(
+        (dataset / bold).read_bytes()).hexdigest()
 
     assert cli.main([str(dataset), str(out), "group"]) == cli.EXIT_OK
     cohort = pd.read_csv(out / "group" / "cohort_sessions.tsv", sep="\t")

@@ -78,6 +78,20 @@ def write_provenance(config: Config, run_id: str) -> Path:
     return config_path
 
 
+def write_input_checksums(config: Config, subjects: list[Subject], run_id: str) -> Path:
+    """``logs/trajectome-<run>_inputs.tsv``: SHA-256 of every input file the run uses."""
+    paths = []
+    for subject in subjects:
+        for session in subject.sessions:
+            paths += list(session.t1w) + [run.path for run in session.bold]
+            paths += [p for run in session.dwi for p in (run.path, run.bval, run.bvec)]
+    table = derivatives.file_checksums([p for p in paths if Path(p).is_file()],
+                                       config.bids_dir)
+    out = config.output_dir / "logs" / f"trajectome-{run_id}_inputs.tsv"
+    derivatives.write_tsv(out, table)
+    return out
+
+
 def write_citations(logs: Path, methods: list[str]) -> None:
     """Write the methods text (``CITATION.md``) and its BibTeX entries (``CITATION.bib``)."""
     from pipeline.citations import select_bibtex
@@ -288,6 +302,8 @@ def run_participant(config: Config, run_id: str) -> int:
     if not config.boilerplate_only:
         subjects, failures = preflight(subjects)
     failures += anatomy_gaps(subjects, config)
+    if not config.boilerplate_only:
+        write_input_checksums(config, subjects, run_id)
     workflow = init_trajectome_wf(
         subjects=subjects,
         output_dir=config.output_dir,
