@@ -1,14 +1,8 @@
-"""Diffusion workflow: accuracy on ds-ect and speed on a realistic session (not run in CI).
+"""Diffusion workflow: helpers for ds-ect and speed on a realistic session (not run in CI).
 
-``ect`` runs :func:`workflows.dwi.init_dwi_wf` on every session of ``bids_examples/ds-ect``
-with the anatomy built from the ground truth (:mod:`pipeline.simulate.qsiprep`), then
-prints, per session, the ROC AUC separating planted from absent edges by streamline count
-(upper triangle, planted = bundle-count matrix > 0) and the median FA in planted bundles
-and in grey matter.  Tracking is then repeated from the same preprocessed data with each
-extra ``--stopping`` given, so the criteria are compared on identical inputs::
-
-    nice -n 10 python bench/bench_dwi.py ect --streamlines 100000 --work /tmp/dwi_bench \\
-        --also-stopping threshold
+The per-session accuracy on ``bids_examples/ds-ect`` (ROC AUC of planted edges, criteria
+compared on identical inputs) is ``bench/bench_dwi_auc.py``; it and the integration tests
+use the helpers here (:func:`run_session`, :func:`retrack`, :func:`planted_auc`).
 
 ``realistic`` times the stages of one realistic session (2 mm, 64 directions; make it with
 ``trajectome-simulate OUT --preset realistic --subjects 1 --controls 0 --sessions preECT``),
@@ -22,7 +16,6 @@ threads) when it is installed::
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -130,40 +123,6 @@ def retrack(wf_dir: Path, work: Path, anat_dir: Path, **options) -> Path:
     return Path(result.outputs.out_files[0])
 
 
-def bench_ect(args: argparse.Namespace) -> None:
-    work = Path(args.work)
-    rows = []
-    for sub_dir in sorted(ECT.glob("sub-*")):
-        for ses_dir in sorted(sub_dir.glob("ses-*")):
-            sub, ses = sub_dir.name[4:], ses_dir.name[4:]
-            start = time.perf_counter()
-            wf_dir = run_session(ECT, sub, ses, work, n_streamlines=args.streamlines,
-                                 sloppy=args.sloppy, seed=args.seed, omp_nthreads=args.threads)
-            wall = time.perf_counter() - start
-            gt = ECT / "derivatives" / "groundtruth" / f"sub-{sub}" / f"ses-{ses}" / "dwi"
-            stem = f"sub-{sub}_ses-{ses}"
-            truth = gt / f"{stem}_atlas-{ATLAS}_desc-planted_stat-bundlecount_relmat.tsv"
-            relmat = next((work / "out").rglob(
-                f"sub-{sub}_ses-{ses}_space-T1w_atlas-{ATLAS}_stat-streamlinecount_relmat.tsv"))
-            auc, n_pos, n_hit = planted_auc(relmat, truth)
-            fa_b, fa_gm = fa_contrast(wf_dir / "fit_models" / "fa.nii.gz",
-                                      gt / f"{stem}_space-dwi_desc-bundles_mask.nii.gz",
-                                      wf_dir / "register_dwi_t1w" / "gm_dwi.nii.gz")
-            row = {"subject": sub, "session": ses, "auc_cmc": auc, "planted": n_pos,
-                   "planted_hit_cmc": n_hit, "fa_bundles": fa_b, "fa_gm": fa_gm,
-                   "wall_s": wall}
-            for stopping in args.also_stopping:
-                path = retrack(wf_dir, work, work / f"anat_{sub}_{ses}", stopping=stopping,
-                               n_streamlines=args.streamlines, seed=args.seed,
-                               num_threads=args.threads)
-                row[f"auc_{stopping}"], _, row[f"planted_hit_{stopping}"] = planted_auc(
-                    path, truth)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    table = pd.DataFrame(rows)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-
-
 def _register_stage(b0: str, mask: str, anat, out: str, threads: int, seed: int) -> dict:
     from workflows.interfaces.dwi import RegisterDwiToT1w
 
@@ -183,14 +142,17 @@ def _fit_stage(dwi_file: str, bval: str, bvec: str, mask: str, tissues: dict, ou
             "model": result.outputs.model["model"], "sh_order": result.outputs.model["sh_order"]}
 
 
-def _track_stage(fod_file: str, tissues: dict, out: str, n: int, threads: int,
+def _track_stage(fod_file: str, fa_file: str, tissues: dict, out: str, n: int, threads: int,
                  seed: int) -> dict:
     from pipeline import tractography
 
     fod = nb.load(fod_file)
     maps = {k: np.asarray(nb.load(v).dataobj, np.float64) for k, v in tissues.items()}
-    options = tractography.TrackingOptions(n_streamlines=n, seed=seed, n_threads=threads)
-    criterion = tractography.make_stopping_criterion(options, fod.affine, **maps)
+    fa = np.asarray(nb.load(fa_file).dataobj, np.float64)
+    options = tractography.resolve_threshold(
+        tractography.TrackingOptions(n_streamlines=n, seed=seed, n_threads=threads),
+        fa=fa, gm=maps["gm"])
+    criterion = tractography.make_stopping_criterion(options, fod.affine, scalar=fa, **maps)
     seeds = tractography.seed_mask_for(options, wm=maps["wm"], gm=maps["gm"])
     nb.save(nb.Nifti1Image(seeds.astype(np.uint8), fod.affine), f"{out}/seeds.nii.gz")
     report = tractography.run_tracking(np.asarray(fod.dataobj, np.float64), fod.affine, seeds,
@@ -256,10 +218,10 @@ def bench_realistic(args: argparse.Namespace) -> None:
     stage = run_stage("DTI + fibre model", _fit_stage, concat.out_file, concat.bval,
                       concat.bvec, concat.mask, tissues, str(dirs["models"]))
     print(stage.row(), stage.value["model"], stage.value["sh_order"], flush=True)
-    fod_file = stage.value["fod"]
+    fod_file, fa_file = stage.value["fod"], stage.value["fa"]
     out = str(dirs["track"])
-    stage = run_stage("tracking (DIPY, CMC, chunked)", _track_stage, fod_file, tissues, out,
-                      args.streamlines, args.threads, args.seed)
+    stage = run_stage("tracking (DIPY, default stopping, chunked)", _track_stage, fod_file,
+                      fa_file, tissues, out, args.streamlines, args.threads, args.seed)
     print(stage.row(), flush=True)
     ours = stage.value
     print(f"DIPY probabilistic: {ours['n']} streamlines from {ours['seeds']} seeds in "
@@ -291,13 +253,6 @@ def bench_realistic(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
-    ect = sub.add_parser("ect", help="AUC per session of ds-ect")
-    ect.add_argument("--streamlines", type=int, default=100_000)
-    ect.add_argument("--work", default="/tmp/dwi_bench_ect")
-    ect.add_argument("--seed", type=int, default=42)
-    ect.add_argument("--threads", type=int, default=1)
-    ect.add_argument("--sloppy", action="store_true")
-    ect.add_argument("--also-stopping", nargs="*", default=[], choices=["act", "threshold"])
     real = sub.add_parser("realistic", help="per-stage time of one realistic session")
     real.add_argument("dataset")
     real.add_argument("--streamlines", type=int, default=100_000)
@@ -308,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="skip preprocessing: time the later stages on the raw series")
     real.add_argument("--sloppy", action="store_true", help="sloppy motion correction")
     args = parser.parse_args(argv)
-    {"ect": bench_ect, "realistic": bench_realistic}[args.mode](args)
+    {"realistic": bench_realistic}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -148,13 +148,20 @@ def denoise(
     if method == "mppca":
         from dipy.denoise.localpca import mppca
 
+        # DIPY centres patches only patch_radius voxels or more inside the grid: a brain
+        # reaching the edge of the field of view (a tight slab) would come back NaN there.
+        # Edge padding makes every voxel a patch centre; the padding is cut off again.
+        pad = [(patch_radius, patch_radius)] * 3
+        padded_mask = None if mask is None else np.pad(np.asarray(mask, bool), pad)
         den, sigma = mppca(
-            data, mask=mask, patch_radius=patch_radius, return_sigma=True,
-            suppress_warning=True,
+            np.pad(data, [*pad, (0, 0)], mode="edge"), mask=padded_mask,
+            patch_radius=patch_radius, return_sigma=True, suppress_warning=True,
         )
+        inner = tuple(slice(patch_radius, patch_radius + n) for n in data.shape[:3])
+        den, sigma = den[inner], sigma[inner]
         sel = mask if mask is not None else np.ones(data.shape[:3], bool)
         info = {"method": "mppca", "patch_radius": patch_radius,
-                "median_sigma": float(np.median(sigma[sel]))}
+                "median_sigma": float(np.nanmedian(sigma[sel]))}
         return np.asarray(den, dtype=np.float32), info
     from dipy.denoise.patch2self import patch2self
 
@@ -205,16 +212,28 @@ def rotation_part(matrix: np.ndarray) -> np.ndarray:
     return rot
 
 
-def rotate_bvecs(bvecs: np.ndarray, affines: Sequence[np.ndarray]) -> np.ndarray:
+def rotate_bvecs(
+    bvecs: np.ndarray, affines: Sequence[np.ndarray], image_affine: np.ndarray | None = None
+) -> np.ndarray:
     """b-vectors in the reference frame: ``R_v.T @ g_v`` for each volume ``v``.
 
     ``affines`` are the per-volume world affines of :func:`motion_correct` (reference
-    point -> acquired point).  Zero vectors (b=0) stay zero.
+    point -> acquired point), so ``R_v`` is a rotation of world axes.  The b-vectors are
+    in the image's voxel axes; ``image_affine`` maps those to world axes (``V``, the
+    orthogonal factor of its 3x3, a reflection for LAS), and the rotation is applied
+    there: ``V.T R_v.T V g``.  Without it the voxel axes are taken as the world axes,
+    which is wrong for any other storage order (LAS, as most scanners write, flips x).
+    Zero vectors (b=0) stay zero.
     """
     bvecs = np.asarray(bvecs, dtype=float)
+    frame = np.eye(3)
+    if image_affine is not None:
+        # not rotation_part: the reflection of an LAS grid must be kept
+        u, _, vt = np.linalg.svd(np.asarray(image_affine, dtype=float)[:3, :3])
+        frame = u @ vt
     out = np.zeros_like(bvecs)
     for v, (g, affine) in enumerate(zip(bvecs, affines, strict=True)):
-        out[v] = rotation_part(affine).T @ g
+        out[v] = frame.T @ rotation_part(affine).T @ frame @ g
     return out
 
 
@@ -312,7 +331,7 @@ def motion_correct(
     reference = out[..., b0_index].mean(axis=3).astype(np.float64)
     for v in np.flatnonzero(~b0):
         register(int(v), reference)
-    rotated = rotate_bvecs(bvecs, affines)
+    rotated = rotate_bvecs(bvecs, affines, affine)
     params = pd.DataFrame(
         [_rigid_parameters(a) for a in affines],
         columns=["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"],

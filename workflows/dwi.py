@@ -16,7 +16,7 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from pipeline import models, tractography
+from pipeline import connectome, models, tractography
 from pipeline.bids import DwiRun, Session
 from workflows.anat import AtlasFiles
 from workflows.engine import Workflow
@@ -112,8 +112,9 @@ def init_dwi_wf(
     sloppy: bool = False,
     seed: int = 42,
     qsiprep_dir: Path | None = None,
-    stopping: str = "cmc",
-    fa_threshold: float = 0.1,
+    stopping: str = tractography.DEFAULT_STOPPING,
+    fa_threshold: float | None = None,
+    assignment_radius: float = connectome.DEFAULT_RADIUS,
     denoise_method: str = "mppca",
     name: str | None = None,
 ) -> Workflow:
@@ -150,11 +151,16 @@ def init_dwi_wf(
         Seed of the registration sampling and of the tracking.
     qsiprep_dir : Path, optional
         Take QSIPrep's preprocessed DWI, gradients and mask as they are.
-    stopping : {"cmc", "act", "threshold"}
-        Tissue-based stopping criterion (continuous map criterion, anatomically
-        constrained tractography), or FA below ``fa_threshold``.
-    fa_threshold : float
-        For ``stopping="threshold"``.
+    stopping : {"threshold", "cmc", "act"}
+        FA below ``fa_threshold`` (default; see :data:`pipeline.tractography.DEFAULT_STOPPING`
+        for why), or a tissue-based criterion (continuous map criterion, anatomically
+        constrained tractography).
+    fa_threshold : float, optional
+        For ``stopping="threshold"``; ``None`` takes it from the FA of grey matter
+        (:func:`pipeline.tractography.gm_fa_threshold`).
+    assignment_radius : float
+        Radial search (mm) assigning streamline end points to parcels, as MRtrix3
+        ``tck2connectome -assignment_radial_search``.
     denoise_method : {"mppca", "patch2self", "none"}
         Raw path only.
     name : str, optional
@@ -183,12 +189,17 @@ def init_dwi_wf(
         raise ValueError(f"--fod-model {fod_model!r}: choose from {models.FOD_MODELS}")
     if n_streamlines < 1:
         raise ValueError(f"--streamlines must be positive, got {n_streamlines}")
+    if fa_threshold is not None and not 0 <= fa_threshold < 1:
+        raise ValueError(f"FA threshold {fa_threshold}: must be in [0, 1), or None (from GM)")
+    if assignment_radius <= 0:
+        raise ValueError(f"assignment radius {assignment_radius} mm: must be positive")
     key = f"ses_{_label(session.label)}" if session.label else "single"
     workflow = Workflow(name=name or f"dwi_{key}_wf")
     workflow.__desc__ = _methods(
         n_runs=len(dwi_runs), qsiprep=bool(qsiprep_dir), tracking=tracking, seeding=seeding,
         stopping=stopping, n_streamlines=n_streamlines, denoise_method=denoise_method,
-        fod_model=fod_model, unring=not sloppy,
+        fod_model=fod_model, unring=not sloppy, fa_threshold=fa_threshold,
+        radius=assignment_radius,
     )
     inputnode = pe.Node(niu.IdentityInterface(fields=list(INPUT_FIELDS)), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=list(OUTPUT_FIELDS)), name="outputnode")
@@ -234,8 +245,8 @@ def init_dwi_wf(
         TrackConnectomes(
             atlas_names=[a.name for a in atlases], atlas_tables=[str(a.table) for a in atlases],
             n_streamlines=n_streamlines, algorithm=tracking, seeding=seeding, stopping=stopping,
-            fa_threshold=fa_threshold, seed=seed, chunk_size=CHUNK_SIZE, num_threads=omp_nthreads,
-            save_tractogram=save_tractogram,
+            fa_threshold=fa_threshold, assignment_radius=assignment_radius, seed=seed,
+            chunk_size=CHUNK_SIZE, num_threads=omp_nthreads, save_tractogram=save_tractogram,
         ),
         name="track_connectomes",
     )
@@ -350,7 +361,8 @@ class _Sinks:
 
 def _methods(*, n_runs: int, qsiprep: bool, tracking: str, seeding: str, stopping: str,
              n_streamlines: int, denoise_method: str, fod_model: str | None,
-             unring: bool = True) -> str:
+             unring: bool = True, fa_threshold: float | None = None,
+             radius: float = connectome.DEFAULT_RADIUS) -> str:
     if qsiprep:
         pre = ("The preprocessed DWI series, its rotated gradient table and brain mask were "
                "taken from QSIPrep [@qsiprep]. ")
@@ -381,9 +393,13 @@ def _methods(*, n_runs: int, qsiprep: bool, tracking: str, seeding: str, stoppin
              "[@aganj2010] otherwise (the choice and its reason are in the sidecars)")
     seeds = ("uniformly in white matter" if seeding == "wm"
              else "at the grey/white-matter interface")
+    low, high = tractography.FA_THRESHOLD_BOUNDS
+    fa_stop = (f"FA below {fa_threshold:g}" if fa_threshold is not None else
+               f"FA below that of grey matter (the {tractography.GM_FA_PERCENTILE:g}th "
+               f"percentile of FA where the GM probability exceeds 0.5, within {low:g}-{high:g})")
     stop = {"cmc": "the continuous map criterion [@girard2014] from the tissue maps",
             "act": "anatomically constrained tractography [@smith2012] from the tissue maps",
-            "threshold": "an FA threshold"}[stopping]
+            "threshold": fa_stop}[stopping]
     return (
         pre
         + "The mean b=0 image was registered rigidly to the T1w image (ANTs [@ants], mutual "
@@ -392,9 +408,9 @@ def _methods(*, n_runs: int, qsiprep: bool, tracking: str, seeding: str, stoppin
         f"{model}. {tracking.capitalize()} tractography (DIPY [@dipy]) generated "
         f"{n_streamlines:,} streamlines seeded {seeds}, stopped by {stop}, with a fixed "
         "random seed. Streamline end points were assigned to the parcels "
-        "of each atlas in native T1w space by a 2 mm radial search as MRtrix3 tck2connectome "
-        "does [@mrtrix3], giving streamline count, count normalised by parcel volume, mean "
-        "length and mean FA connectomes."
+        f"of each atlas in native T1w space by a {radius:g} mm radial search as MRtrix3 "
+        "tck2connectome does [@mrtrix3], giving streamline count, count normalised by parcel "
+        "volume, mean length and mean FA connectomes."
     )
 
 

@@ -410,6 +410,7 @@ def track_session(
     dwi_to_t1w: np.ndarray,
     options: tractography.TrackingOptions,
     tck_path: str | Path | None = None,
+    radius: float | None = connectome.DEFAULT_RADIUS,
 ) -> tuple[dict[str, connectome.ConnectomeAccumulator], tractography.TrackingReport]:
     """Track on the DWI grid and accumulate one connectome per atlas, chunk by chunk.
 
@@ -420,8 +421,12 @@ def track_session(
     atlases : list of (name, native-T1w label image, atlas table with ``index``)
     dwi_to_t1w : (4, 4) RAS point map
     options : TrackingOptions
+        ``threshold=None`` is resolved from the FA of grey matter; the report holds the
+        value used.
     tck_path : path, optional
         Tractogram in T1w world coordinates.
+    radius : float or None
+        End-point assignment radius (mm, :func:`pipeline.connectome.assign_points`).
 
     Returns
     -------
@@ -430,11 +435,10 @@ def track_session(
     """
     affine = fod.affine
     maps = {k: np.asarray(v.dataobj, np.float64) for k, v in tissues.items()}
-    criterion = tractography.make_stopping_criterion(
-        options, affine, scalar=np.asarray(fa.dataobj, np.float64), **maps
-    )
-    seeds = tractography.seed_mask_for(options, wm=maps["wm"], gm=maps["gm"])
     fa_data = np.asarray(fa.dataobj, np.float64)
+    options = tractography.resolve_threshold(options, fa=fa_data, gm=maps["gm"])
+    criterion = tractography.make_stopping_criterion(options, affine, scalar=fa_data, **maps)
+    seeds = tractography.seed_mask_for(options, wm=maps["wm"], gm=maps["gm"])
     labelled = []
     for name, image, table in atlases:
         labels = np.asarray(image.dataobj)
@@ -460,7 +464,7 @@ def track_session(
         ends = map_points(np.vstack([first, last]), dwi_to_t1w)
         n = len(chunk)
         for _, labels, label_affine, acc in labelled:
-            assigned = connectome.assign_points(ends, labels, label_affine)
+            assigned = connectome.assign_points(ends, labels, label_affine, radius)
             acc.add_assigned(acc.node_index(assigned[:n]), acc.node_index(assigned[n:]),
                              lengths, mean_fa)
         if writer is not None:
@@ -494,9 +498,12 @@ class _TrackInputSpec(BaseInterfaceInputSpec):
     n_streamlines = traits.Int(1_000_000, usedefault=True)
     algorithm = traits.Enum(*tractography.ALGORITHMS, usedefault=True)
     seeding = traits.Enum("wm", "gmwmi", usedefault=True)
-    stopping = traits.Enum("cmc", "act", "threshold", usedefault=True,
-                           desc="tissue-based (CMC, ACT) or an FA threshold")
-    fa_threshold = traits.Float(0.1, usedefault=True, desc="for stopping='threshold'")
+    stopping = traits.Enum(*tractography.STOPPING, usedefault=True,
+                           desc="an FA threshold (default) or tissue-based (CMC, ACT)")
+    fa_threshold = traits.Either(None, traits.Float, usedefault=True,
+                                 desc="for stopping='threshold'; None: from the FA of GM")
+    assignment_radius = traits.Float(connectome.DEFAULT_RADIUS, usedefault=True,
+                                     desc="end-point radial search (mm)")
     seed = traits.Int(42, usedefault=True)
     chunk_size = traits.Int(20_000, usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
@@ -535,7 +542,7 @@ class TrackConnectomes(SimpleInterface):
             fod=nb.load(spec.fod), fa=nb.load(spec.fa),
             tissues={t: nb.load(getattr(spec, t)) for t in ("gm", "wm", "csf")},
             atlases=atlases, dwi_to_t1w=np.loadtxt(spec.dwi_to_t1w), options=options,
-            tck_path=tck,
+            tck_path=tck, radius=spec.assignment_radius,
         )
         model = spec.model if isdefined(spec.model) else {}
         files, sidecars, qc = [], [], []
@@ -548,11 +555,13 @@ class TrackConnectomes(SimpleInterface):
                 files.append(str(path))
                 sidecars.append(connectome.relmat_sidecar(
                     measure, algorithm=spec.algorithm, n_streamlines=report.n_streamlines,
-                    seed=spec.seed, step_size=report.step_size,
+                    seed=spec.seed, step_size=report.step_size, radius=spec.assignment_radius,
                     extra={
                         "Atlas": name,
                         "Seeding": spec.seeding,
                         "StoppingCriterion": spec.stopping,
+                        **({"FAThreshold": report.options["threshold"]}
+                           if spec.stopping == "threshold" else {}),
                         "SeedsUsed": report.n_seeds,
                         "FibreModel": model.get("model"),
                         "FibreModelReason": model.get("reason"),
@@ -567,7 +576,7 @@ class TrackConnectomes(SimpleInterface):
         out["report"] = {
             "n_streamlines": report.n_streamlines, "n_seeds": report.n_seeds,
             "seconds": report.seconds, "streamlines_per_second": report.streamlines_per_second,
-            "step_size": report.step_size,
+            "step_size": report.step_size, "fa_threshold": report.options["threshold"],
         }
         if tck is not None:
             out["tractogram"] = str(tck)
