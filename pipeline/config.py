@@ -82,7 +82,7 @@ class Config:
     tracking: str = "probabilistic"
     seeding: str = "wm"
     fod_model: str = "auto"
-    stopping: str = "cmc"
+    stopping: str = "threshold"
     save_tractogram: bool = False
     graph_density: float | None = None
     include_flagged: bool = False
@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     dwi.add_argument(
         "--stopping",
         choices=("cmc", "act", "threshold"),
-        help="tractography stopping: continuous map criterion (default), ACT, or FA < 0.1",
+        help="tractography stopping: FA below the grey-matter level (default), continuous map "
+        "criterion, or ACT",
     )
     dwi.add_argument(
         "--save-tractogram", action="store_true", default=None, help="write the tractogram (TCK)"

@@ -37,7 +37,7 @@ class DwiOptions:
     tracking: str = "probabilistic"
     seeding: str = "wm"
     fod_model: str = "auto"
-    stopping: str = "cmc"
+    stopping: str = "threshold"
     save_tractogram: bool = False
     qsiprep_dir: Path | None = None
 

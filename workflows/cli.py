@@ -329,6 +329,7 @@ def run_participant(config: Config, run_id: str) -> int:
         nprocs=config.nprocs,
         mem_gb=config.mem_gb,
         omp_nthreads=config.omp_nthreads,
+        registration_nthreads=min(config.registration_nthreads, config.omp_nthreads),
     )
     start = time.monotonic()
     failures += write_subject_results(

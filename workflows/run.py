@@ -97,6 +97,7 @@ def run_workflow(
     nprocs: int = 1,
     mem_gb: float | None = None,
     omp_nthreads: int | None = None,
+    registration_nthreads: int | None = None,
 ) -> list[Failure]:
     """Run ``workflow`` and return the failed nodes (empty when everything succeeded).
 
@@ -108,6 +109,10 @@ def run_workflow(
     if omp_nthreads:
         # inherited by the worker processes: BLAS/OpenMP pools sized as the scheduler expects
         os.environ.update({name: str(omp_nthreads) for name in THREAD_VARIABLES})
+    if registration_nthreads:
+        # ITK reads this once, when a process first uses it: later changes are ignored,
+        # so it must be set before any worker starts (multithreaded ANTs is not reproducible)
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(registration_nthreads)
     quiet_nipype()
     workflow.base_dir = str(work_dir)
     workflow.config["execution"].update(
