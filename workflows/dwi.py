@@ -19,8 +19,7 @@ from nipype.pipeline import engine as pe
 from pipeline import connectome, models, tractography
 from pipeline.bids import DwiRun, Session
 from workflows.anat import AtlasFiles
-from workflows.engine import Workflow
-from workflows.interfaces import DerivativesSink
+from workflows.engine import SessionSinks, Workflow
 from workflows.interfaces.dwi import (
     QC_COLUMNS,
     STATISTICS,
@@ -203,7 +202,7 @@ def init_dwi_wf(
     )
     inputnode = pe.Node(niu.IdentityInterface(fields=list(INPUT_FIELDS)), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=list(OUTPUT_FIELDS)), name="outputnode")
-    sinks = _Sinks(workflow, output_dir, session.bids_entities)
+    sinks = SessionSinks(workflow, output_dir, session.bids_entities, "dwi")
     settings = "sloppy" if sloppy else "default"
 
     if qsiprep_dir:
@@ -333,30 +332,6 @@ def _map_meta(model, what):
     from workflows.interfaces.dwi import model_sidecar
 
     return model_sidecar(model, what)
-
-
-class _Sinks:
-    """Adds one ``ds_*`` DerivativesSink per output (``dwi`` datatype)."""
-
-    def __init__(self, workflow: Workflow, output_dir: Path, base: dict) -> None:
-        self.workflow, self.output_dir, self.base = workflow, str(output_dir), base
-        self.count = 0
-
-    def add(self, node, field, entities, suffix, extension, *, meta=None, meta_node=None,
-            meta_out="meta", **more) -> None:
-        entities = {**self.base, **entities, **more}
-        entities = {k: v for k, v in entities.items() if v is not None}
-        self.count += 1
-        parts = [str(v) for k, v in entities.items() if k not in ("subject", "session")]
-        name = _label("ds_" + "_".join([*parts, suffix, extension.strip(".")]))
-        sink = pe.Node(
-            DerivativesSink(base_directory=self.output_dir, entities=entities, suffix=suffix,
-                            extension=extension, datatype="dwi", meta_dict=meta or {}),
-            name=f"{name}_{self.count}", run_without_submitting=True,
-        )
-        self.workflow.connect(node, field, sink, "in_file")
-        if meta_node is not None:
-            self.workflow.connect(meta_node, meta_out, sink, "meta_dict")
 
 
 def _methods(*, n_runs: int, qsiprep: bool, tracking: str, seeding: str, stopping: str,

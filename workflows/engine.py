@@ -7,6 +7,9 @@ execution order for ``logs/CITATION.md``.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from nipype.pipeline import engine as pe
 
 
@@ -32,3 +35,38 @@ def collect_methods(workflow: pe.Workflow) -> list[str]:
 
     visit(workflow)
     return texts
+
+
+class SessionSinks:
+    """Adds one ``ds_*`` DerivativesSink per output of a session workflow (one datatype).
+
+    The sink's metadata is ``meta`` (fixed), or the ``meta_field`` output of ``meta_node``
+    (default: the node giving the file).
+    """
+
+    def __init__(self, workflow: pe.Workflow, output_dir: Path, base: dict,
+                 datatype: str) -> None:
+        self.workflow, self.output_dir, self.base = workflow, str(output_dir), base
+        self.datatype, self.count = datatype, 0
+
+    def add(self, node: pe.Node, field: str, entities: dict, suffix: str, extension: str, *,
+            meta: dict | None = None, meta_field: str | None = None,
+            meta_node: pe.Node | None = None, **more: str | None) -> None:
+        """Sink ``node.field`` under the session's entities plus ``entities``/``more``."""
+        from workflows.interfaces import DerivativesSink
+
+        entities = {**self.base, **entities, **more}
+        entities = {k: v for k, v in entities.items() if v is not None}
+        self.count += 1
+        parts = [str(v) for k, v in entities.items() if k not in ("subject", "session")]
+        name = re.sub(r"[^0-9A-Za-z]+", "_",
+                      "_".join(["ds", *parts, suffix, extension.strip(".")])).strip("_")
+        sink = pe.Node(
+            DerivativesSink(base_directory=self.output_dir, entities=entities, suffix=suffix,
+                            extension=extension, datatype=self.datatype, meta_dict=meta or {}),
+            name=f"{name}_{self.count}", run_without_submitting=True,
+        )
+        self.workflow.connect(node, field, sink, "in_file")
+        if meta_field or meta_node is not None:
+            self.workflow.connect(meta_node if meta_node is not None else node,
+                                  meta_field or "meta", sink, "meta_dict")

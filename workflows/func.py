@@ -14,8 +14,7 @@ from pipeline import connectivity, denoise
 from pipeline.bids import BoldRun, Session
 from pipeline.templates import DEFAULT_TEMPLATE
 from workflows.anat import AtlasFiles
-from workflows.engine import Workflow
-from workflows.interfaces import DerivativesSink
+from workflows.engine import SessionSinks, Workflow
 from workflows.interfaces.func import (
     OUTLIER_COLUMNS,
     BoldConfounds,
@@ -141,7 +140,7 @@ def init_func_wf(
                                  slice_timing=slice_timing)
     inputnode = pe.Node(niu.IdentityInterface(fields=list(INPUT_FIELDS)), name="inputnode")
     workflow.add_nodes([inputnode])  # present (and settable) on the fMRIPrep path too
-    sinks = _Sinks(workflow, output_dir, session.bids_entities)
+    sinks = SessionSinks(workflow, output_dir, session.bids_entities, "func")
     settings = "sloppy" if sloppy else "default"
     ses_entities = {"task": run_entities(bold_runs[0]).get("task")}
 
@@ -288,30 +287,6 @@ def _flatten(lists):
     for item in lists:
         out.extend(item if isinstance(item, list) else [item])
     return sorted(set(out))
-
-
-class _Sinks:
-    """Adds one ``ds_*`` DerivativesSink per output (``func`` datatype)."""
-
-    def __init__(self, workflow: Workflow, output_dir: Path, base: dict) -> None:
-        self.workflow, self.output_dir, self.base = workflow, str(output_dir), base
-        self.count = 0
-
-    def add(self, node, field, entities, suffix, extension, *, meta=None, meta_field=None,
-            **more) -> None:
-        entities = {**self.base, **entities, **more}
-        entities = {k: v for k, v in entities.items() if v is not None}
-        self.count += 1
-        parts = [str(v) for k, v in entities.items() if k not in ("subject", "session")]
-        name = _label("ds_" + "_".join([*parts, suffix, extension.strip(".")]))
-        sink = pe.Node(
-            DerivativesSink(base_directory=self.output_dir, entities=entities, suffix=suffix,
-                            extension=extension, datatype="func", meta_dict=meta or {}),
-            name=f"{name}_{self.count}", run_without_submitting=True,
-        )
-        self.workflow.connect(node, field, sink, "in_file")
-        if meta_field:
-            self.workflow.connect(node, meta_field, sink, "meta_dict")
 
 
 def _methods(strategy: str, fd_threshold: float | None, estimators: Sequence[str], n_runs: int,
