@@ -153,7 +153,7 @@ def _track_stage(fod_file: str, fa_file: str, tissues: dict, out: str, n: int, t
         tractography.TrackingOptions(n_streamlines=n, seed=seed, n_threads=threads),
         fa=fa, gm=maps["gm"])
     criterion = tractography.make_stopping_criterion(options, fod.affine, scalar=fa, **maps)
-    seeds = tractography.seed_mask_for(options, wm=maps["wm"], gm=maps["gm"])
+    seeds = tractography.seed_mask_for(options, wm=maps["wm"], gm=maps["gm"], fa=fa)
     nb.save(nb.Nifti1Image(seeds.astype(np.uint8), fod.affine), f"{out}/seeds.nii.gz")
     report = tractography.run_tracking(np.asarray(fod.dataobj, np.float64), fod.affine, seeds,
                                        criterion, options, lambda chunk: None)

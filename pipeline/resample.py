@@ -164,6 +164,11 @@ def _nifti_memmap(path: Path, shape: tuple[int, ...], affine: np.ndarray, tr: fl
     return np.memmap(path, dtype=np.float32, mode="r+", offset=352, shape=shape, order="F")
 
 
+def with_margin(mask: np.ndarray, voxels: int = 2) -> np.ndarray:
+    """``mask`` dilated by ``voxels`` (face-connected steps): where to interpolate."""
+    return ndimage.binary_dilation(np.asarray(mask, bool), iterations=voxels)
+
+
 def resample_bold(
     bold: nb.Nifti1Image,
     out_file: str | os.PathLike,
@@ -173,6 +178,8 @@ def resample_bold(
     motion: np.ndarray | None = None,
     t1w_to_bold: np.ndarray | None = None,
     order: int = 3,
+    where: np.ndarray | None = None,
+    block: int = 16,
 ) -> Path:
     """Resample a BOLD run onto a template grid with one interpolation per volume.
 
@@ -194,6 +201,11 @@ def resample_bold(
         coregistration); identity when ``None``.
     order : int
         Spline order (3: cubic B-spline, as ``antsApplyTransforms --interpolation BSpline``).
+    where : ndarray (*out_shape), bool, optional
+        Interpolate only these output voxels (e.g. a dilated brain mask); the rest are 0.
+        Every voxel when ``None``.
+    block : int
+        Volumes read from ``bold`` at a time.
 
     Returns
     -------
@@ -208,16 +220,26 @@ def resample_bold(
     out_shape = coords.shape[:3]
     C = np.eye(4) if t1w_to_bold is None else np.asarray(t1w_to_bold, dtype=float)
     inv_bold = np.linalg.inv(bold.affine)
-    flat = coords.reshape(-1, 3)
+    inside = np.ones(out_shape, bool) if where is None else np.asarray(where, bool)
+    if inside.shape != out_shape:
+        raise ValueError(f"where has shape {inside.shape}, the output grid {out_shape}")
+    points = np.ascontiguousarray(coords[inside].T)  # (3, N), as map_coordinates wants
     tr = float(bold.header.get_zooms()[3]) if len(bold.header.get_zooms()) > 3 else None
     out = _nifti_memmap(Path(out_file), (*out_shape, n_t), out_affine, tr)
-    for t in range(n_t):
-        move = np.eye(4) if motion is None else np.linalg.inv(rigid_matrix(motion[t]))
-        mat = inv_bold @ move @ C
-        ijk = (flat @ mat[:3, :3].T + mat[:3, 3]).T
-        vol = np.asarray(arr[..., t], dtype=np.float64)
-        vals = ndimage.map_coordinates(vol, ijk, order=order, mode="constant", cval=0.0)
-        out[..., t] = vals.reshape(out_shape).astype(np.float32)
+    volume = np.zeros(out_shape, np.float32)
+    for start in range(0, n_t, block):
+        # Blocks, not single volumes: each slice of a gzipped file decompresses from the
+        # start, so volume-by-volume reading costs O(T^2).
+        chunk = np.asarray(arr[..., start:start + block], dtype=np.float64)
+        for offset in range(chunk.shape[3]):
+            t = start + offset
+            move = np.eye(4) if motion is None else np.linalg.inv(rigid_matrix(motion[t]))
+            mat = inv_bold @ move @ C
+            ijk = mat[:3, :3] @ points + mat[:3, 3:4]
+            volume[inside] = ndimage.map_coordinates(
+                np.ascontiguousarray(chunk[..., offset]), ijk, order=order, mode="constant",
+                cval=0.0)
+            out[..., t] = volume
     out.flush()
     del out
     return Path(out_file)

@@ -452,16 +452,26 @@ def seed_mask_for(
     wm: np.ndarray | None = None,
     gm: np.ndarray | None = None,
     mask: np.ndarray | None = None,
+    fa: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Seed mask for ``options.seeding`` (``wm``: WM > 0.5; ``gmwmi``; ``mask``: given)."""
+    """Seed mask for ``options.seeding`` (``wm``: WM > 0.5; ``gmwmi``; ``mask``: given).
+
+    With the FA threshold criterion and ``fa`` given, voxels whose FA is at or below the
+    threshold are left out: a streamline started there stops at its first step, so seeding
+    them only burns seeds (most of the white matter on low-FA data).
+    """
     if options.seeding == "mask":
         if mask is None:
             raise ValueError("seeding='mask' needs a mask")
-        return np.asarray(mask, dtype=bool)
-    if wm is None:
+        seeds = np.asarray(mask, dtype=bool)
+    elif wm is None:
         raise ValueError(f"seeding={options.seeding!r} needs a WM probability map")
-    if options.seeding == "wm":
-        return np.asarray(wm) > 0.5
-    if gm is None:
+    elif options.seeding == "wm":
+        seeds = np.asarray(wm) > 0.5
+    elif gm is None:
         raise ValueError("seeding='gmwmi' needs a GM probability map")
-    return gmwm_interface(wm, gm)
+    else:
+        seeds = gmwm_interface(wm, gm)
+    if fa is not None and options.stopping == "threshold" and options.threshold is not None:
+        seeds = seeds & (np.asarray(fa) > options.threshold)
+    return seeds

@@ -96,6 +96,28 @@ def test_resample_bold_undoes_motion_and_coregistration(rng, tmp_path):
     assert out.read_bytes() == out2.read_bytes()
 
 
+def test_resample_bold_where_and_blocks_change_nothing_inside(rng, tmp_path):
+    shape = (12, 13, 11)
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    vols = np.stack([_blobs(rng, shape) + t for t in range(7)], axis=-1).astype(np.float32)
+    path = tmp_path / "bold.nii.gz"  # gzipped: read in blocks through one handle
+    nb.save(nb.Nifti1Image(vols, aff), path)
+    bold = nb.load(path, keep_file_open=True)
+    coords = resample.grid_points(shape, aff) + np.array([0.7, -0.4, 0.3])
+    params = np.tile([0.3, -0.2, 0.1, 0.01, 0.0, -0.01], (7, 1))
+    full = resample.resample_bold(bold, tmp_path / "full.nii", coords, aff, motion=params)
+    where = np.zeros(shape, bool)
+    where[3:9, 2:10, 4:8] = True
+    part = resample.resample_bold(bold, tmp_path / "part.nii", coords, aff, motion=params,
+                                  where=resample.with_margin(where, 1), block=3)
+    a, b = np.asarray(nb.load(full).dataobj), np.asarray(nb.load(part).dataobj)
+    margin = resample.with_margin(where, 1)
+    assert np.array_equal(a[margin], b[margin])
+    assert not b[~margin].any() and a[~margin].any()
+    with pytest.raises(ValueError, match="output grid"):
+        resample.resample_bold(bold, tmp_path / "bad.nii", coords, aff, where=where[:-1])
+
+
 def test_resample_labels_nearest():
     lab = np.zeros((10, 10, 10), np.int16)
     lab[2:6, 2:6, 2:6] = 7

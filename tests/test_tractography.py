@@ -212,6 +212,26 @@ def test_gmwm_interface_seeding():
     assert _upper(acc.matrix())[_planted_mask()].min() > 50
 
 
+def test_fa_threshold_seeding_drops_only_seeds_that_cannot_start():
+    p, sh, fa, _ = fitted_phantom()
+    # half of the white matter below the threshold
+    threshold = float(np.median(fa[p["wm"] > 0.5]))
+    options = T.TrackingOptions(n_streamlines=200, seed=1, threshold=threshold, chunk_size=100)
+    everywhere = T.seed_mask_for(options, wm=p["wm"], gm=p["gm"])
+    useful = T.seed_mask_for(options, wm=p["wm"], gm=p["gm"], fa=fa)
+    assert np.array_equal(useful, everywhere & (fa > threshold))
+    assert 0 < useful.sum() < everywhere.sum()
+    # tissue criteria keep the whole white matter: they do not stop on FA
+    act = T.TrackingOptions(stopping="act", threshold=threshold)
+    assert np.array_equal(T.seed_mask_for(act, wm=p["wm"], fa=fa), everywhere)
+    # a seed that cannot start costs a seed: the same streamlines take fewer seeds
+    sc = T.make_stopping_criterion(options, p["affine"], scalar=fa)
+    reports = [T.run_tracking(sh, p["affine"], mask, sc, options, lambda chunk: None)
+               for mask in (everywhere, useful)]
+    assert all(r.n_streamlines == 200 for r in reports)
+    assert reports[1].n_seeds < reports[0].n_seeds
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="algorithm"):
         T.TrackingOptions(algorithm="eudx")

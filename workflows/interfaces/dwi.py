@@ -438,7 +438,7 @@ def track_session(
     fa_data = np.asarray(fa.dataobj, np.float64)
     options = tractography.resolve_threshold(options, fa=fa_data, gm=maps["gm"])
     criterion = tractography.make_stopping_criterion(options, affine, scalar=fa_data, **maps)
-    seeds = tractography.seed_mask_for(options, wm=maps["wm"], gm=maps["gm"])
+    seeds = tractography.seed_mask_for(options, wm=maps["wm"], gm=maps["gm"], fa=fa_data)
     labelled = []
     for name, image, table in atlases:
         labels = np.asarray(image.dataobj)
