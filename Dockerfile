@@ -44,8 +44,13 @@ COPY README.md ./
 COPY pipeline ./pipeline
 COPY workflows ./workflows
 # No .git in the build context, so setuptools-scm cannot see the version: pass it in.
+# setuptools-scm takes only PEP 440, and `git describe` gives a bare hash without tags.
 ARG VERSION=""
-RUN if [ -n "$VERSION" ]; then export SETUPTOOLS_SCM_PRETEND_VERSION="$VERSION"; fi \
+COPY docker/pep440_version.py ./
+RUN if [ -n "$VERSION" ]; then \
+        SETUPTOOLS_SCM_PRETEND_VERSION=$(python pep440_version.py "$VERSION" pyproject.toml) \
+        && export SETUPTOOLS_SCM_PRETEND_VERSION; \
+    fi \
     && pip install -c constraints.txt . \
     && pip check \
     && trajectome --help > /dev/null

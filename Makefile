@@ -26,7 +26,7 @@ example: venv
 	$(BIN)/trajectome $(EXAMPLE) $(OUT) group
 
 test: venv
-	$(BIN)/ruff check pipeline workflows tests bench
+	$(BIN)/ruff check pipeline workflows tests bench scripts docker
 	$(BIN)/python -m pytest
 
 # Ground-truth runs too long for every CI stop (anatomy on 2 mm data: ~10 min on 2 cores)
