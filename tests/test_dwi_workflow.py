@@ -15,6 +15,7 @@ import pytest
 
 from pipeline import tractography
 from pipeline.bids import DwiRun, Session
+from pipeline.derivatives import build_path
 from workflows.anat import AtlasFiles
 from workflows.dwi import INPUT_FIELDS, find_qsiprep_dwi, init_dwi_wf
 from workflows.interfaces.dwi import TrackConnectomes, map_points, track_session
@@ -193,6 +194,12 @@ def test_graph_has_the_stages_and_resources(tmp_path):
                       stopping="cmc", fa_threshold=0.2, assignment_radius=2.0)
     assert "@girard2014" in cmc.__desc__ and "2 mm radial search" in cmc.__desc__
     assert cmc.get_node("track_connectomes").inputs.assignment_radius == 2.0
+    # the space-dwi mask names its grid: the FA map this workflow writes (a validator rule)
+    sinks = {n: wf.get_node(n).inputs for n in names if n.startswith("ds_")}
+    mask = next(i for i in sinks.values() if i.suffix == "mask")
+    fa = next(i for i in sinks.values() if i.entities.get("param") == "fa")
+    fa_path = build_path(fa.entities, fa.suffix, fa.extension, fa.datatype).as_posix()
+    assert mask.meta_dict["SpatialReference"] == f"bids::{fa_path}"
 
 
 @pytest.mark.parametrize("option, value, message", [
