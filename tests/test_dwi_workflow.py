@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import tractography
+from pipeline import registration, tractography
 from pipeline.bids import DwiRun, Session
 from pipeline.derivatives import build_path
 from workflows.anat import AtlasFiles
@@ -378,3 +378,12 @@ def test_ect_raw_path_on_a_cropped_series(tmp_path):
     assert meta["FibreModel"] == "csd" and "16 directions" in meta["FibreModelReason"]
     for stat in ("streamlinecount", "volumenormalizedcount", "meanlength", "meanfa"):
         assert (out / f"{STEM}_space-T1w_atlas-Seitzman300_stat-{stat}_relmat.tsv").exists()
+    # the b=0 -> T1w transform is self-contained ITK text (no work-directory paths), the
+    # same rigid map the end points went through
+    xfm = out / f"{STEM}_from-dwi_to-T1w_mode-image_desc-coreg_xfm.txt"
+    assert "Transform: AffineTransform_double_3_3" in xfm.read_text()
+    assert not list(out.glob("*_xfm.json"))
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    used = np.loadtxt(tmp_path / "wk" / wf.name / "register_dwi_t1w" / "dwi_to_t1w.txt")
+    written = np.linalg.inv(lps @ registration.ants_file_to_affine(xfm) @ lps)
+    assert np.abs(written - used).max() < 1e-6

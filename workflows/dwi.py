@@ -285,8 +285,8 @@ def init_dwi_wf(
     fa_map = sinks.path_of({"space": "dwi", "model": "dti", "param": "fa"}, "dwimap", ".nii.gz")
     sinks.add(source, "mask", {"space": "dwi"}, "mask", ".nii.gz", desc="brain",
               meta={"SpatialReference": fa_map})
-    sinks.add(register, "transform", {"from": "dwi", "to": "T1w", "mode": "image"}, "xfm",
-              ".json")
+    sinks.add(register, "itk_file", {"from": "dwi", "to": "T1w", "mode": "image"}, "xfm",
+              ".txt", desc="coreg")
     if not qsiprep_dir:
         sinks.add(source, "motion", {}, "timeseries", ".tsv", desc="motion",
                   meta={"Description": "Per-volume rigid head motion of the DWI (volume -> "
