@@ -2,11 +2,12 @@
 
 Simulates ``--patients`` patients and ``--controls`` controls x 3 sessions (pre-ECT,
 post-ECT, maintenance) with ``trajectome-simulate ... --fmriprep``, runs the participant
-level (``--modalities func --fmriprep-dir ... --sloppy``) and the group level through the
-real ``trajectome`` command line, then scores the group outputs against the planted truth
-(``derivatives/groundtruth``)::
+level (``--modalities func --fmriprep-dir ...``, ``--sloppy`` on request) and the group
+level through the real ``trajectome`` command line, then scores the group outputs against
+the planted truth (``derivatives/groundtruth``)::
 
-    nice -n 10 python bench/bench_study.py --root /tmp/study --patients 10 --controls 5
+    nice -n 10 python bench/bench_study.py --root /tmp/study300 --volumes 300
+    nice -n 10 python bench/bench_study.py --root /tmp/study --sloppy   # 122-volume runs
 
 What the simulator plants (:mod:`pipeline.simulate.effects`), on the FC side:
 
@@ -54,6 +55,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nb
 import numpy as np
 import pandas as pd
 
@@ -179,11 +181,17 @@ def simulate(args: argparse.Namespace, bids: Path, labels: list[str]) -> Level |
             raise SystemExit(f"{bids} holds another study ({made}, {len(participants)} "
                              "subjects); use another --root or delete that folder.")
     if dataset_complete(bids, labels):
-        print(f"reusing the simulated study in {bids}")
+        bold = next((bids / "derivatives" / "fmriprep").rglob("*_desc-preproc_bold.nii.gz"))
+        found = nb.load(bold).shape[3]
+        if args.volumes and found != args.volumes:
+            raise SystemExit(f"{bids} has {found}-volume runs, not --volumes {args.volumes}; "
+                             "use another --root or delete that folder.")
+        print(f"reusing the simulated study in {bids} ({found}-volume runs)")
         return None
+    volumes = ["--volumes", str(args.volumes)] if args.volumes else []
     level = run_level("simulate (trajectome-simulate --fmriprep)", [
         str(BIN / "trajectome-simulate"), str(bids), "--subjects", str(args.patients),
-        "--controls", str(args.controls), "--seed", str(args.seed), "--fmriprep"],
+        "--controls", str(args.controls), "--seed", str(args.seed), "--fmriprep", *volumes],
         args.root / "simulate.log")
     if level.returncode or not dataset_complete(bids, labels):
         raise SystemExit(f"simulation failed or incomplete; see {args.root / 'simulate.log'}")
@@ -413,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--controls", type=int, default=5)
     parser.add_argument("--seed", type=int, default=20261122, help="simulator seed")
     parser.add_argument("--nprocs", type=int, default=2)
+    parser.add_argument("--volumes", type=int,
+                        help="BOLD volumes per run (simulator default: 122, ~4 min)")
+    parser.add_argument("--sloppy", action="store_true",
+                        help="participant level with --sloppy (20 bootstrap resamples for the "
+                             "FC standard errors instead of 100)")
     parser.add_argument("--implied-sd", type=float, default=0.1,
                         help="population change (in within-subject residual SDs) from which "
                              "a metric counts as implied by the planted effects")
@@ -430,9 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         levels += [sim] if sim else []
         fmriprep = bids / "derivatives" / "fmriprep"
         common = [str(BIN / "trajectome"), str(bids), str(out)]
-        levels.append(run_level("participant (func, fMRIPrep, sloppy)", [
+        sloppy = ["--sloppy"] if args.sloppy else []
+        levels.append(run_level(f"participant (func, fMRIPrep{', sloppy' if sloppy else ''})", [
             *common, "participant", "--modalities", "func", "--fmriprep-dir", str(fmriprep),
-            "--sloppy", "--nprocs", str(args.nprocs), "-w", str(work)],
+            *sloppy, "--nprocs", str(args.nprocs), "-w", str(work)],
             args.root / "participant.log"))
         levels.append(run_level("group", [*common, "group"], args.root / "group.log"))
         failed = [lv.name for lv in levels if lv.returncode]

@@ -313,8 +313,9 @@ def has_session_metrics(output_dir: str | Path, subject: str) -> bool:
 
 #: Columns of the last maintenance session's change row repeated on the trajectory rows of
 #: the metric (the reports read the maintenance class from the trajectories table).
-CLASS_SUMMARY = ("maintenance_class", "class_probability", "p_regression", "p_stabilisation",
-                 "p_continued_remodelling", "acute_change", "maintenance_change", "retention")
+CLASS_SUMMARY = ("maintenance_class", "class_probability", "class_confident", "p_regression",
+                 "p_stabilisation", "p_continued_remodelling", "acute_change",
+                 "maintenance_change", "retention")
 TRAJECTORY_OUTPUT_SIDECAR = {
     **longitudinal.TRAJECTORY_SIDECAR,
     **{c: {**longitudinal.CHANGES_SIDECAR[c],

@@ -23,11 +23,14 @@ session; SEs of different sessions are independent):
   stabilisation otherwise (``fraction`` = 0.25 by default: a quarter of the acute change).
   The class probabilities are these three posterior probabilities, computed exactly
   (bivariate normal orthants through Owen's T function, no sampling), so they sum to 1 and
-  are deterministic.  The call: regression (continued remodelling) when its probability is
-  at least ``confidence`` (0.95, i.e. beyond noise at one-sided z = 1.645), stabilisation
-  otherwise; ``no_acute_change`` when ``|a| <= atol`` or ``|a| < z * SE(a)`` (the direction
-  of "toward pre" is then unknown).  A missing SE counts as 0 (a point classification with
-  0/1 probabilities); ``se_missing`` says so.
+  are deterministic.  The call (``rule="map"``, default): the most probable class, which
+  misclassifies least; ``class_confident`` marks calls whose probability is at least
+  ``confidence`` (0.95).  ``rule="confident"`` is the conservative call: regression
+  (continued remodelling) only when its probability is at least ``confidence``,
+  stabilisation otherwise (so stabilisation also means "not shown to move").
+  ``no_acute_change`` when ``|a| <= atol`` or ``|a| < z * SE(a)``, ``z = Phi^-1(confidence)``
+  (1.645; the direction of "toward pre" is then unknown).  A missing SE counts as 0 (a
+  point classification with 0/1 probabilities); ``se_missing`` says so.
 * normalisation index (:func:`normalisation_index`): ``(value - control mean) / control SD``
   per metric, the control mean over all control sessions and the control SD pooled over
   control sessions (see the function).
@@ -45,6 +48,8 @@ from pipeline import metrics
 
 ROLES = ("pre", "post", "maintenance")
 CLASSES = ("regression", "stabilisation", "continued_remodelling")
+#: Maintenance-class decision rules of :func:`classify_maintenance`.
+CLASS_RULES = ("map", "confident")
 NO_ACUTE_CHANGE = "no_acute_change"
 #: Columns that identify one metric (across sessions and subjects).
 KEY_COLUMNS = ("modality", "atlas", "metric", "scope", "network", "network_b", "node")
@@ -253,16 +258,17 @@ def classify_maintenance(
     fraction: float = 0.25,
     confidence: float = 0.95,
     atol: float = 1e-12,
+    rule: str = "map",
 ) -> pd.DataFrame:
     """Maintenance class and class probabilities from the acute and maintenance changes.
 
     Decision rule (see the module docstring): with ``R = D / A`` the true ratio of the
     maintenance to the acute change and ``(A, D) ~ N((a, d), Sigma)``,
     ``p_regression = P(R < -fraction)``, ``p_continued_remodelling = P(R > fraction)``,
-    ``p_stabilisation`` the rest.  The class is regression or continued remodelling when
-    its probability is ``>= confidence``, stabilisation otherwise, and ``no_acute_change``
-    (probabilities still given) when ``|a| <= atol`` or ``|a| < z SE(a)``,
-    ``z = Phi^-1(confidence)``.
+    ``p_stabilisation`` the rest.  The class is the most probable one (``rule="map"``) or,
+    with ``rule="confident"``, regression or continued remodelling when its probability is
+    ``>= confidence`` and stabilisation otherwise; ``no_acute_change`` (probabilities still
+    given) when ``|a| <= atol`` or ``|a| < z SE(a)``, ``z = Phi^-1(confidence)``.
 
     Parameters
     ----------
@@ -274,19 +280,24 @@ def classify_maintenance(
     fraction : float, default=0.25
         Share of the acute change a maintenance change must exceed to leave stabilisation.
     confidence : float, default=0.95
-        Posterior probability needed to call regression or continued remodelling.
+        Posterior probability that makes a call ``class_confident`` (and, with
+        ``rule="confident"``, the one needed to call regression or continued remodelling).
     atol : float, default=1e-12
         Acute changes this small are zero.
+    rule : {"map", "confident"}, default="map"
+        Most probable class, or the conservative call described above.
 
     Returns
     -------
     pandas.DataFrame
         Columns ``p_regression, p_stabilisation, p_continued_remodelling, maintenance_class,
-        class_probability`` (NaN probabilities when ``a`` and ``d`` are NaN, or ``a`` is 0
-        without noise).
+        class_probability, class_confident`` (NaN probabilities when ``a`` and ``d`` are
+        NaN, or ``a`` is 0 without noise).
     """
     if not (fraction > 0 and 0.5 < confidence < 1):
         raise ValueError("fraction must be > 0 and confidence in (0.5, 1).")
+    if rule not in CLASS_RULES:
+        raise ValueError(f"rule {rule!r}: choose from {CLASS_RULES}")
     a, d = (np.asarray(x, float) for x in (acute, maintenance_change))
     va, vd, cad = (np.nan_to_num(np.broadcast_to(np.asarray(x, float), a.shape))
                    for x in (var_acute, var_maintenance, cov))
@@ -297,8 +308,15 @@ def classify_maintenance(
     flat = np.abs(a) <= atol
     no_acute = flat | (np.abs(a) < z * np.sqrt(va))
     undefined = np.isnan(a) | np.isnan(d) | (flat & (va == 0))
-    klass = np.where(p_reg >= confidence, "regression",
-                     np.where(p_cont >= confidence, "continued_remodelling", "stabilisation"))
+    if rule == "map":
+        # ties (e.g. a noiseless ratio exactly on a boundary) go to stabilisation
+        stacked = np.stack([p_stab, p_reg, p_cont], axis=1)
+        best = np.argmax(np.nan_to_num(stacked, nan=-1.0), axis=1)
+        klass = np.array(["stabilisation", "regression", "continued_remodelling"])[best]
+    else:
+        klass = np.where(p_reg >= confidence, "regression",
+                         np.where(p_cont >= confidence, "continued_remodelling",
+                                  "stabilisation"))
     klass = np.where(no_acute, NO_ACUTE_CHANGE, klass).astype(object)
     probs = np.stack([p_reg, p_stab, p_cont], axis=1)
     probs[undefined] = np.nan
@@ -309,13 +327,13 @@ def classify_maintenance(
     return pd.DataFrame({
         "p_regression": probs[:, 0], "p_stabilisation": probs[:, 1],
         "p_continued_remodelling": probs[:, 2], "maintenance_class": klass,
-        "class_probability": class_p,
+        "class_probability": class_p, "class_confident": class_p >= confidence,
     })
 
 
 def change_table(
     long: pd.DataFrame, *, fraction: float = 0.25, confidence: float = 0.95,
-    atol: float = 1e-12,
+    atol: float = 1e-12, rule: str = "map",
 ) -> pd.DataFrame:
     """Acute and maintenance changes, retention and maintenance class per subject x metric.
 
@@ -323,7 +341,7 @@ def change_table(
     ----------
     long : pandas.DataFrame
         A table accepted by :func:`prepare_long_table`.
-    fraction, confidence, atol
+    fraction, confidence, atol, rule
         As in :func:`classify_maintenance` (``confidence`` also sets the retention rule).
 
     Returns
@@ -356,12 +374,14 @@ def change_table(
     clear = (a.abs() > atol) & (a.abs() >= z * out["se_acute"])
     out["retention"] = ((out["value_maintenance"] - out["value_pre"]) / a).where(clear)
     classes = classify_maintenance(a, out["maintenance_change"], vp + vq, vm + vq, -vq,
-                                   fraction=fraction, confidence=confidence, atol=atol)
+                                   fraction=fraction, confidence=confidence, atol=atol,
+                                   rule=rule)
     out = pd.concat([out.reset_index(drop=True), classes], axis=1)
     # without standard errors the class is a point-estimate call: no probability to claim
     probability_columns = ["p_regression", "p_stabilisation", "p_continued_remodelling",
                            "class_probability"]
     out.loc[out["se_missing"], probability_columns] = np.nan
+    out.loc[out["se_missing"], "class_confident"] = False
     return out[list(CHANGES_SIDECAR)].sort_values(
         ["subject", *KEY_COLUMNS, "order_maintenance"], ignore_index=True, na_position="first")
 
@@ -616,14 +636,19 @@ CHANGES_SIDECAR: dict[str, dict[str, str]] = {
     "p_stabilisation": {"Description": "Posterior P(|D/A| <= fraction)."},
     "p_continued_remodelling": {"Description": "Posterior P(D/A > fraction)."},
     "maintenance_class": {
-        "Description": "regression / continued_remodelling when its probability >= "
-                       "confidence (0.95 by default), else stabilisation; no_acute_change "
-                       "when |a| < z * se_acute; '' without a maintenance session.",
-        "Levels": {"regression": "moves back toward pre-ECT beyond noise",
-                   "stabilisation": "no further change beyond noise",
-                   "continued_remodelling": "moves further in the acute direction",
+        "Description": "The most probable of regression / stabilisation / "
+                       "continued_remodelling (see class_confident for how sure); "
+                       "no_acute_change when |a| < z * se_acute; '' without a maintenance "
+                       "session.",
+        "Levels": {"regression": "moves back toward pre-ECT by more than a quarter of the "
+                                 "acute change",
+                   "stabilisation": "stays within a quarter of the acute change",
+                   "continued_remodelling": "moves further in the acute direction by more "
+                                            "than a quarter of the acute change",
                    NO_ACUTE_CHANGE: "acute change within noise: class undefined"}},
     "class_probability": {"Description": "Probability of the called class."},
+    "class_confident": {"Description": "True when class_probability >= confidence (0.95 by "
+                                       "default): the call is beyond measurement noise."},
     "qc_flag": {"Description": "True when any session used failed quality control."},
 }
 

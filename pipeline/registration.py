@@ -410,6 +410,22 @@ def _stage_args(kind: str, stage: dict, fixed: str, moving: str, conv: dict,
     ]
 
 
+def itk_affine_text(matrix_lps: np.ndarray) -> str:
+    """An ITK ``AffineTransform_double_3_3`` text file of a 4x4 LPS point map (centre 0).
+
+    For a rigid moving -> T1w registration it maps T1w (fixed) points to moving points, so
+    ``antsApplyTransforms`` with it resamples the moving image onto the T1w grid, like
+    fMRIPrep's ``from-boldref_to-T1w_mode-image_desc-coreg_xfm.txt``.  Unlike the
+    :class:`Transform` JSON, which names files in a work directory, it is self-contained.
+    """
+    m = np.asarray(matrix_lps, dtype=float)
+    params = [*m[:3, :3].ravel(), *m[:3, 3]]
+    return ("#Insight Transform File V1.0\n#Transform 0\n"
+            "Transform: AffineTransform_double_3_3\n"
+            f"Parameters: {' '.join(f'{v:.12g}' for v in params)}\n"
+            "FixedParameters: 0 0 0\n")
+
+
 def register(
     fixed: nb.Nifti1Image | str | os.PathLike,
     moving: nb.Nifti1Image | str | os.PathLike,

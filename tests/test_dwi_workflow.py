@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import tractography
+from pipeline import registration, tractography
 from pipeline.bids import DwiRun, Session
+from pipeline.derivatives import build_path
 from workflows.anat import AtlasFiles
 from workflows.dwi import INPUT_FIELDS, find_qsiprep_dwi, init_dwi_wf
 from workflows.interfaces.dwi import TrackConnectomes, map_points, track_session
@@ -193,6 +194,12 @@ def test_graph_has_the_stages_and_resources(tmp_path):
                       stopping="cmc", fa_threshold=0.2, assignment_radius=2.0)
     assert "@girard2014" in cmc.__desc__ and "2 mm radial search" in cmc.__desc__
     assert cmc.get_node("track_connectomes").inputs.assignment_radius == 2.0
+    # the space-dwi mask names its grid: the FA map this workflow writes (a validator rule)
+    sinks = {n: wf.get_node(n).inputs for n in names if n.startswith("ds_")}
+    mask = next(i for i in sinks.values() if i.suffix == "mask")
+    fa = next(i for i in sinks.values() if i.entities.get("param") == "fa")
+    fa_path = build_path(fa.entities, fa.suffix, fa.extension, fa.datatype).as_posix()
+    assert mask.meta_dict["SpatialReference"] == f"bids::{fa_path}"
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -371,3 +378,12 @@ def test_ect_raw_path_on_a_cropped_series(tmp_path):
     assert meta["FibreModel"] == "csd" and "16 directions" in meta["FibreModelReason"]
     for stat in ("streamlinecount", "volumenormalizedcount", "meanlength", "meanfa"):
         assert (out / f"{STEM}_space-T1w_atlas-Seitzman300_stat-{stat}_relmat.tsv").exists()
+    # the b=0 -> T1w transform is self-contained ITK text (no work-directory paths), the
+    # same rigid map the end points went through
+    xfm = out / f"{STEM}_from-dwi_to-T1w_mode-image_desc-coreg_xfm.txt"
+    assert "Transform: AffineTransform_double_3_3" in xfm.read_text()
+    assert not list(out.glob("*_xfm.json"))
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    used = np.loadtxt(tmp_path / "wk" / wf.name / "register_dwi_t1w" / "dwi_to_t1w.txt")
+    written = np.linalg.inv(lps @ registration.ants_file_to_affine(xfm) @ lps)
+    assert np.abs(written - used).max() < 1e-6

@@ -17,9 +17,10 @@ import pytest
 
 from pipeline import motion, registration
 from pipeline.bids import BoldRun, Session
+from pipeline.registration import itk_affine_text
 from workflows.anat import AtlasFiles
 from workflows.func import init_func_wf, run_entities
-from workflows.interfaces.func import find_fmriprep_run, itk_affine_text, slice_time_correct
+from workflows.interfaces.func import find_fmriprep_run, slice_time_correct
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT / "bids_examples" / "ds-ect"

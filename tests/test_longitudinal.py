@@ -79,10 +79,37 @@ def test_noise_decides_between_a_class_and_stabilisation():
     # d = -0.5 a: a regression, called only when the noise is small enough
     a, d = np.full(3, 0.4), np.full(3, -0.2)
     se = np.array([0.01, 0.05, 0.2])
-    out = L.classify_maintenance(a, d, 2 * se**2, 2 * se**2, -se**2)
+    out = L.classify_maintenance(a, d, 2 * se**2, 2 * se**2, -se**2, rule="confident")
     assert out["maintenance_class"].tolist() == ["regression", "stabilisation", NO_ACUTE]
     # |a| = 0.4 < 1.645 * sqrt(2) * 0.2: no class without a clear acute change
     assert out.loc[1, "p_regression"] > out.loc[1, "p_continued_remodelling"]
+    # the default calls the most probable class and says whether it is beyond noise
+    best = L.classify_maintenance(a, d, 2 * se**2, 2 * se**2, -se**2)
+    assert best["maintenance_class"].tolist() == ["regression", "regression", NO_ACUTE]
+    assert best["class_confident"].tolist() == [True, False, False]
+    p = best.loc[1, ["p_regression", "p_stabilisation", "p_continued_remodelling"]]
+    assert best.loc[1, "class_probability"] == p.max() < 0.95
+    with pytest.raises(ValueError, match="rule"):
+        L.classify_maintenance(a, d, rule="vote")
+
+
+def test_most_probable_class_misclassifies_least():
+    # planted ratios D/A = -0.7, 0, +0.5 (regression, stabilisation, remodelling) seen
+    # through noise: the most probable class is right more often than the conservative call
+    rng = np.random.default_rng(7)
+    n, se = 3000, 0.25
+    truth = np.array(["regression", "stabilisation", "continued_remodelling"])[np.arange(n) % 3]
+    ratio = np.select([truth == "regression", truth == "stabilisation"], [-0.7, 0.0], 0.5)
+    pre, post = np.zeros(n), np.full(n, 1.5)
+    maint = post + ratio * (post - pre)
+    obs = [x + rng.normal(0, se, n) for x in (pre, post, maint)]
+    a, d = obs[1] - obs[0], obs[2] - obs[1]
+    v = se**2
+    calls = {rule: L.classify_maintenance(a, d, 2 * v, 2 * v, -v, rule=rule)["maintenance_class"]
+             for rule in L.CLASS_RULES}
+    accuracy = {rule: float((c.to_numpy() == truth).mean()) for rule, c in calls.items()}
+    assert accuracy["map"] > accuracy["confident"] + 0.1
+    assert accuracy["map"] > 0.75
 
 
 NO_ACUTE = L.NO_ACUTE_CHANGE

@@ -281,9 +281,12 @@ def init_dwi_wf(
         workflow.connect(fit, "model", meta, "model")
         sinks.add(fit, field, {"space": "dwi", "model": "dti", "param": param}, "dwimap",
                   ".nii.gz", meta_node=meta)
-    sinks.add(source, "mask", {"space": "dwi"}, "mask", ".nii.gz", desc="brain")
-    sinks.add(register, "transform", {"from": "dwi", "to": "T1w", "mode": "image"}, "xfm",
-              ".json")
+    # space-dwi is not a standard space: the FA map (same grid) defines it
+    fa_map = sinks.path_of({"space": "dwi", "model": "dti", "param": "fa"}, "dwimap", ".nii.gz")
+    sinks.add(source, "mask", {"space": "dwi"}, "mask", ".nii.gz", desc="brain",
+              meta={"SpatialReference": fa_map})
+    sinks.add(register, "itk_file", {"from": "dwi", "to": "T1w", "mode": "image"}, "xfm",
+              ".txt", desc="coreg")
     if not qsiprep_dir:
         sinks.add(source, "motion", {}, "timeseries", ".tsv", desc="motion",
                   meta={"Description": "Per-volume rigid head motion of the DWI (volume -> "

@@ -49,6 +49,13 @@ class SessionSinks:
         self.workflow, self.output_dir, self.base = workflow, str(output_dir), base
         self.datatype, self.count = datatype, 0
 
+    def path_of(self, entities: dict, suffix: str, extension: str, **more: str | None) -> str:
+        """``bids::`` URI of an output of this session (for ``SpatialReference``)."""
+        from pipeline.derivatives import build_path
+
+        entities = {k: v for k, v in {**self.base, **entities, **more}.items() if v is not None}
+        return f"bids::{build_path(entities, suffix, extension, self.datatype).as_posix()}"
+
     def add(self, node: pe.Node, field: str, entities: dict, suffix: str, extension: str, *,
             meta: dict | None = None, meta_field: str | None = None,
             meta_node: pe.Node | None = None, **more: str | None) -> None:

@@ -266,7 +266,8 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
 
 
 class _RegisterOutputSpec(TraitedSpec):
-    transform = File(exists=True, desc="DWI -> T1w Transform JSON")
+    transform = File(exists=True, desc="DWI -> T1w Transform JSON (names work-dir files)")
+    itk_file = File(exists=True, desc="the same rigid transform as self-contained ITK text")
     dwi_to_t1w = File(exists=True, desc="4x4 RAS point map DWI world -> T1w world (text)")
     gm = File(exists=True, desc="GM probability on the DWI grid")
     wm = File(exists=True)
@@ -298,6 +299,9 @@ class RegisterDwiToT1w(SimpleInterface):
         out["transform"] = str(
             registration.save_transform(transform, Path(runtime.cwd) / "dwi_to_t1w.json")
         )
+        itk = Path(runtime.cwd) / "dwi_to_t1w_xfm.txt"
+        itk.write_text(registration.itk_affine_text(registration.transform_affine(transform)))
+        out["itk_file"] = str(itk)
         matrix = dwi_to_t1w_matrix(transform)
         np.savetxt(Path(runtime.cwd) / "dwi_to_t1w.txt", matrix)
         out["dwi_to_t1w"] = str(Path(runtime.cwd) / "dwi_to_t1w.txt")

@@ -182,24 +182,9 @@ class CoregisterBold(SimpleInterface):
         np.savetxt(text, resample.ras_point_map(lps), fmt="%.10f")
         # the derivative is self-contained ITK text (the JSON names work-directory files)
         itk = _cwd_file(runtime, "bold_to_t1w_xfm.txt")
-        itk.write_text(itk_affine_text(lps))
+        itk.write_text(registration.itk_affine_text(lps))
         self._results.update(transform=str(out), itk_file=str(itk), t1w_to_bold=str(text))
         return runtime
-
-
-def itk_affine_text(matrix_lps: np.ndarray) -> str:
-    """An ITK ``AffineTransform_double_3_3`` text file of a 4x4 LPS point map (centre 0).
-
-    It maps T1w (fixed) points to BOLD-reference (moving) points, so ``antsApplyTransforms``
-    with it resamples the BOLD reference onto the T1w grid, like fMRIPrep's
-    ``from-boldref_to-T1w_mode-image_desc-coreg_xfm.txt``.
-    """
-    m = np.asarray(matrix_lps, dtype=float)
-    params = [*m[:3, :3].ravel(), *m[:3, 3]]
-    return ("#Insight Transform File V1.0\n#Transform 0\n"
-            "Transform: AffineTransform_double_3_3\n"
-            f"Parameters: {' '.join(f'{v:.12g}' for v in params)}\n"
-            "FixedParameters: 0 0 0\n")
 
 
 def load_coordinates(to_mni: str, shape: tuple[int, ...], affine: np.ndarray, work_dir: Path,
