@@ -167,16 +167,17 @@ fi
 log "the runs took $((SECONDS - total)) s"
 
 # ---------------------------------------------------------------- compare
-# Every TSV/JSON/NIfTI output except the per-run logs/ (timestamps, run ids).
+# Every TSV/JSON/NIfTI/text (transforms) output except the per-run logs/ (timestamps,
+# run ids).
 compare() {
     local a=$1 b=$2 differ=0 count=0
     for dir in "$a" "$b"; do
         [ -d "$dir" ] || { echo "no outputs in $dir" >&2; return 1; }
     done
     diff <(cd "$a" && find . -path ./logs -prune -o -type f \
-              \( -name '*.tsv' -o -name '*.json' -o -name '*.nii*' \) -print | sort) \
+              \( -name '*.tsv' -o -name '*.json' -o -name '*.nii*' -o -name '*.txt' \) -print | sort) \
          <(cd "$b" && find . -path ./logs -prune -o -type f \
-              \( -name '*.tsv' -o -name '*.json' -o -name '*.nii*' \) -print | sort) \
+              \( -name '*.tsv' -o -name '*.json' -o -name '*.nii*' -o -name '*.txt' \) -print | sort) \
         || { echo "the two runs wrote different sets of files" >&2; differ=1; }
     while IFS= read -r file; do
         count=$((count + 1))
@@ -190,7 +191,7 @@ compare() {
         echo "differs: $file" >&2
         differ=1
     done < <(cd "$a" && find . -path ./logs -prune -o -type f \
-                 \( -name '*.tsv' -o -name '*.json' -o -name '*.nii*' \) -print | sort)
+                 \( -name '*.tsv' -o -name '*.json' -o -name '*.nii*' -o -name '*.txt' \) -print | sort)
     log "compared $count files"
     return "$differ"
 }
