@@ -169,3 +169,19 @@ def test_locate_names_subject_and_session(fullname, expected):
     from workflows.run import locate
 
     assert locate(fullname) == expected
+
+
+def test_one_session_subject_template_transforms_stay_a_list(tmp_path):
+    """A one-session subject's template transforms feed the per-session Split (it crashed
+    when Nipype unwrapped the one-element output to a string)."""
+    from nipype.interfaces import utility as niu
+
+    from workflows.interfaces.anat import SubjectTemplate
+
+    path = tmp_path / "to_template_ses_preECT.json"
+    path.write_text("{}")
+    outputs = SubjectTemplate.output_spec()
+    outputs.transforms = [str(path)]
+    split = niu.Split(splits=[1], squeeze=True)
+    split.inputs.inlist = outputs.get()["transforms"]
+    assert split.run().outputs.out1 == str(path)

@@ -10,7 +10,6 @@ from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
     InputMultiObject,
-    OutputMultiObject,
     SimpleInterface,
     TraitedSpec,
     isdefined,
@@ -90,7 +89,9 @@ class _SubjectTemplateInputSpec(_CommonInputSpec):
 class _SubjectTemplateOutputSpec(TraitedSpec):
     template = File(desc="within-subject template (absent in sessionwise mode)")
     template_mask = File()
-    transforms = OutputMultiObject(File(exists=True), desc="session -> template, JSON")
+    # a List, not OutputMultiObject: Nipype unwraps a one-element OutputMultiObject to a
+    # string, which broke the per-session Split for one-session subjects
+    transforms = traits.List(File(exists=True), desc="session -> template, JSON")
 
 
 class SubjectTemplate(SimpleInterface):
