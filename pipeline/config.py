@@ -8,6 +8,7 @@ with ``--config-file`` supplies defaults; options on the command line win.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import tomllib
@@ -64,6 +65,7 @@ class Config:
     plugin_args: dict[str, Any] = field(default_factory=dict)
     skip_bids_validation: bool = False
     sloppy: bool = False
+    resource_monitor: bool = False
     boilerplate_only: bool = False
     seed: int = 42
     atlas: list[str] = field(default_factory=lambda: ["Seitzman300"])
@@ -110,6 +112,11 @@ class Config:
         unknown = set(self.modalities) - set(MODALITIES)
         if unknown:
             raise ConfigError(f"--modalities {sorted(unknown)}: choose among {list(MODALITIES)}.")
+        if self.resource_monitor and importlib.util.find_spec("psutil") is None:
+            raise ConfigError(
+                "--resource-monitor needs psutil (Nipype samples memory and CPU with it): "
+                "pip install psutil, or run without --resource-monitor."
+            )
         if self.streamlines is None:
             self.streamlines = SLOPPY_STREAMLINES if self.sloppy else DEFAULT_STREAMLINES
         if self.streamlines < 1:
@@ -336,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config-file", type=Path, help="TOML file of options; the command line wins")
     run.add_argument(
         "--sloppy", action="store_true", default=None, help="cheap settings, for testing only"
+    )
+    run.add_argument(
+        "--resource-monitor",
+        action="store_true",
+        default=None,
+        help="record each step's peak memory and CPU use in its Nipype result file "
+        "(sampled every 0.5 s; needs psutil)",
     )
     run.add_argument(
         "--boilerplate-only",

@@ -330,6 +330,7 @@ def run_participant(config: Config, run_id: str) -> int:
         mem_gb=config.mem_gb,
         omp_nthreads=config.omp_nthreads,
         registration_nthreads=min(config.registration_nthreads, config.omp_nthreads),
+        resource_monitor=config.resource_monitor,
     )
     start = time.monotonic()
     failures += write_subject_results(

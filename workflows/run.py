@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -17,6 +18,8 @@ _SUBJECT = re.compile(r"(?:^|\.)sub_([0-9A-Za-z]+)_wf")
 _SESSION = re.compile(r"[._]ses_([0-9A-Za-z]+)(?=$|[._])")
 #: Thread-pool sizes of numpy's BLAS and OpenMP code, set from ``--omp-nthreads``.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+#: Seconds between two samples of a node's memory and CPU under ``--resource-monitor``.
+MONITOR_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -98,13 +101,19 @@ def run_workflow(
     mem_gb: float | None = None,
     omp_nthreads: int | None = None,
     registration_nthreads: int | None = None,
+    resource_monitor: bool = False,
 ) -> list[Failure]:
     """Run ``workflow`` and return the failed nodes (empty when everything succeeded).
 
     Nodes that do not depend on a failed node still run (``stop_on_first_crash`` off),
     so one bad session never stops the others.  Results are cached in ``work_dir``:
-    a rerun only recomputes what is unfinished.
+    a rerun only recomputes what is unfinished.  With ``resource_monitor`` every node's
+    result file (``result_<node>.pklz``) also records ``runtime.mem_peak_gb``,
+    ``runtime.cpu_percent`` (both the maxima of samples every :data:`MONITOR_INTERVAL_S`
+    seconds) and the samples themselves (``runtime.prof_dict``); the run then goes on in
+    ``work_dir/resource_monitor``, so node inputs must be absolute paths.
     """
+    work_dir, crash_dir = Path(work_dir).absolute(), Path(crash_dir).absolute()
     crash_dir.mkdir(parents=True, exist_ok=True)
     if omp_nthreads:
         # inherited by the worker processes: BLAS/OpenMP pools sized as the scheduler expects
@@ -131,15 +140,71 @@ def run_workflow(
         if mem_gb:
             args["memory_gb"] = mem_gb
     args |= plugin_args or {}
+    previous = monitoring_settings()
+    cwd = Path.cwd()
+    if resource_monitor:
+        enable_resource_monitor()
+        # Nipype's monitor leaves a sample file per node run in the process's working
+        # directory (workers inherit it): keep them in the work directory, not the user's
+        cwd = work_dir / "resource_monitor"
+        cwd.mkdir(parents=True, exist_ok=True)
     try:
-        workflow.run(plugin=plugin, plugin_args=args)
+        with contextlib.chdir(cwd):
+            workflow.run(plugin=plugin, plugin_args=args)
     except RuntimeError as err:
         failures = read_crash_files(crash_dir)
         if not failures:
             raise
         LOGGER.debug("workflow raised: %s", err)
         return sorted(failures, key=lambda f: (f.subject or "", f.session or "", f.node))
+    finally:
+        # Nipype's config is process-global: leave it as found for whatever runs next
+        restore_monitoring(previous)
     return read_crash_files(crash_dir)
+
+
+_MONITOR_KEYS = (("monitoring", "sample_frequency"), ("execution", "resource_monitor_frequency"))
+
+
+def monitoring_settings() -> tuple[bool, dict[tuple[str, str], str]]:
+    """Nipype's current resource-monitor switch and sampling intervals (default 1 s)."""
+    from nipype import config as nipype_config
+
+    values = {key: str(nipype_config.get(*key, "1")) for key in _MONITOR_KEYS}
+    return bool(nipype_config.resource_monitor), values
+
+
+def enable_resource_monitor(interval_s: float = MONITOR_INTERVAL_S) -> None:
+    """Turn on Nipype's per-node memory/CPU sampling (in this process and forked workers).
+
+    Raises
+    ------
+    RuntimeError
+        When Nipype cannot monitor (psutil missing): install psutil.
+    """
+    from nipype import config as nipype_config
+
+    nipype_config.enable_resource_monitor()
+    if not nipype_config.resource_monitor:
+        raise RuntimeError("--resource-monitor: Nipype could not enable its resource monitor "
+                           "(psutil>=5 missing); pip install psutil.")
+    # [monitoring] sample_frequency is the documented name; Nipype 1.x interfaces read
+    # [execution] resource_monitor_frequency, so both are set
+    for section, key in _MONITOR_KEYS:
+        nipype_config.set(section, key, str(interval_s))
+
+
+def restore_monitoring(settings: tuple[bool, dict[tuple[str, str], str]]) -> None:
+    """Put back what :func:`monitoring_settings` returned."""
+    from nipype import config as nipype_config
+
+    enabled, values = settings
+    for (section, key), value in values.items():
+        nipype_config.set(section, key, value)
+    if enabled:
+        nipype_config.enable_resource_monitor()
+    else:
+        nipype_config.disable_resource_monitor()
 
 
 def quiet_nipype() -> None:
