@@ -149,11 +149,9 @@ def _track_stage(fod_file: str, fa_file: str, tissues: dict, out: str, n: int, t
     fod = nb.load(fod_file)
     maps = {k: np.asarray(nb.load(v).dataobj, np.float64) for k, v in tissues.items()}
     fa = np.asarray(nb.load(fa_file).dataobj, np.float64)
-    options = tractography.resolve_threshold(
+    options, criterion, seeds = tractography.prepare_tracking(
         tractography.TrackingOptions(n_streamlines=n, seed=seed, n_threads=threads),
-        fa=fa, gm=maps["gm"])
-    criterion = tractography.make_stopping_criterion(options, fod.affine, scalar=fa, **maps)
-    seeds = tractography.seed_mask_for(options, wm=maps["wm"], gm=maps["gm"], fa=fa)
+        fod.affine, fa=fa, **maps)
     nb.save(nb.Nifti1Image(seeds.astype(np.uint8), fod.affine), f"{out}/seeds.nii.gz")
     report = tractography.run_tracking(np.asarray(fod.dataobj, np.float64), fod.affine, seeds,
                                        criterion, options, lambda chunk: None)
@@ -163,6 +161,18 @@ def _track_stage(fod_file: str, fa_file: str, tissues: dict, out: str, n: int, t
 
 def _mrtrix(*cmd: str) -> None:
     subprocess.run([*cmd, "-force", "-quiet"], check=True)
+
+
+def mrtrix_fods(out: str, concat: dict[str, str], threads: int) -> None:
+    """MRtrix3's own response and CSD (``OUT/fod_mrtrix.mif``; its SH basis differs from
+    DIPY's) on a preprocessed DWI: ``concat`` holds ``out_file``, ``bval``, ``bvec``, ``mask``."""
+    nthreads = ["-nthreads", str(threads)]
+    _mrtrix("mrconvert", concat["out_file"], f"{out}/dwi.mif", "-fslgrad", concat["bvec"],
+            concat["bval"], *nthreads)
+    _mrtrix("dwi2response", "tournier", f"{out}/dwi.mif", f"{out}/wm_response.txt", "-mask",
+            concat["mask"], *nthreads)
+    _mrtrix("dwi2fod", "csd", f"{out}/dwi.mif", f"{out}/wm_response.txt",
+            f"{out}/fod_mrtrix.mif", "-mask", concat["mask"], *nthreads)
 
 
 def _tckgen(out: str, n: int, step: float, threads: int, seed: int) -> dict:
@@ -236,13 +246,8 @@ def bench_realistic(args: argparse.Namespace) -> None:
     zero = np.zeros_like(maps[0])
     five = np.stack([maps[0], zero, maps[1], maps[2], zero], axis=-1)
     nb.save(nb.Nifti1Image(five, nb.load(tissues["gm"]).affine), f"{out}/5tt.nii.gz")
-    threads = ["-nthreads", str(args.threads)]
-    _mrtrix("mrconvert", concat.out_file, f"{out}/dwi.mif", "-fslgrad", concat.bvec,
-            concat.bval, *threads)
-    _mrtrix("dwi2response", "tournier", f"{out}/dwi.mif", f"{out}/wm_response.txt", "-mask",
-            concat.mask, *threads)
-    _mrtrix("dwi2fod", "csd", f"{out}/dwi.mif", f"{out}/wm_response.txt",
-            f"{out}/fod_mrtrix.mif", "-mask", concat.mask, *threads)
+    mrtrix_fods(out, {"out_file": concat.out_file, "bval": concat.bval, "bvec": concat.bvec,
+                      "mask": concat.mask}, args.threads)
     stage = run_stage("tracking (MRtrix3 tckgen iFOD2, ACT)", _tckgen, out, args.streamlines,
                       ours["step"], args.threads, args.seed)
     print(stage.row(), flush=True)

@@ -52,7 +52,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_dwi import _mrtrix, _tckgen
+from bench.bench_dwi import _tckgen, mrtrix_fods
 from bench.measure import StageResult, run_stage
 from pipeline.derivatives import atomic_write, write_json, write_with
 
@@ -529,8 +529,8 @@ def _timed_track(files: dict[str, str], options: Any) -> dict[str, float]:
     fod = nb.load(files["fod"])
     maps = {k: np.asarray(nb.load(files[k]).dataobj, np.float64) for k in ("gm", "wm", "csf")}
     fa = np.asarray(nb.load(files["fa"]).dataobj, np.float64)
-    criterion = tractography.make_stopping_criterion(options, fod.affine, scalar=fa, **maps)
-    seeds = tractography.seed_mask_for(options, wm=maps["wm"], gm=maps["gm"])
+    options, criterion, seeds = tractography.prepare_tracking(options, fod.affine, fa=fa,
+                                                              **maps)
     report = tractography.run_tracking(np.asarray(fod.dataobj, np.float64), fod.affine, seeds,
                                        criterion, options, lambda chunk: None)
     return {"n": report.n_streamlines, "seeds": report.n_seeds, "seconds": report.seconds,
@@ -560,17 +560,6 @@ def _tckgen_masked(out: str, n: int, options: Any, step: float, seed: int) -> di
     return {"seconds": seconds, "count": tck_count(Path(out) / "tracks_mask.tck") or 0}
 
 
-def _mrtrix_fods(out: str, concat: dict[str, str], threads: int) -> None:
-    """MRtrix3's own response and CSD on the run's preprocessed DWI (its SH basis differs)."""
-    nthreads = ["-nthreads", str(threads)]
-    _mrtrix("mrconvert", concat["out_file"], f"{out}/dwi.mif", "-fslgrad", concat["bvec"],
-            concat["bval"], *nthreads)
-    _mrtrix("dwi2response", "tournier", f"{out}/dwi.mif", f"{out}/wm_response.txt", "-mask",
-            concat["mask"], *nthreads)
-    _mrtrix("dwi2fod", "csd", f"{out}/dwi.mif", f"{out}/wm_response.txt",
-            f"{out}/fod_mrtrix.mif", "-mask", concat["mask"], *nthreads)
-
-
 def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     write_with(path, lambda tmp: nb.save(nb.Nifti1Image(data, affine), tmp))
 
@@ -592,7 +581,8 @@ def anchor_tracking(track: NodeRecord, concat: NodeRecord, n: int, out: Path
     fa_img = nb.load(files["fa"])
     fa = np.asarray(fa_img.dataobj, np.float64)
     maps = {k: np.asarray(nb.load(files[k]).dataobj, np.float32) for k in ("gm", "wm", "csf")}
-    seeds = tractography.seed_mask_for(options, wm=maps["wm"], gm=maps["gm"])
+    # the seed image ours draws from (prepare_tracking), so tckgen starts from the same voxels
+    seeds = tractography.seed_mask_for(options, wm=maps["wm"], gm=maps["gm"], fa=fa)
     _save(out / "seeds.nii.gz", seeds.astype(np.uint8), fa_img.affine)
     table = Table(f"Anchor b: tracking throughput, ses-{track.session}, {n:,} streamlines, "
                   f"{options.n_threads} thread(s)",
@@ -613,7 +603,7 @@ def anchor_tracking(track: NodeRecord, concat: NodeRecord, n: int, out: Path
     if not (shutil.which("tckgen") and shutil.which("dwi2fod")):
         table.notes.append("MRtrix3 tckgen not on PATH: no comparison.")
         return table, result
-    prep = run_stage("MRtrix3 FODs", _mrtrix_fods, str(out), concat.outputs,
+    prep = run_stage("MRtrix3 FODs", mrtrix_fods, str(out), concat.outputs,
                      options.n_threads)
     version = subprocess.run(["tckgen", "-version"], capture_output=True, text=True).stdout
     version = version.splitlines()[0].strip("= ") if version else "version unknown"

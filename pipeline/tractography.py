@@ -250,6 +250,34 @@ def resolve_threshold(
     return replace(options, threshold=gm_fa_threshold(fa, gm))
 
 
+def prepare_tracking(
+    options: TrackingOptions,
+    affine: np.ndarray,
+    *,
+    fa: np.ndarray,
+    wm: np.ndarray,
+    gm: np.ndarray,
+    csf: np.ndarray,
+) -> tuple[TrackingOptions, Any, np.ndarray]:
+    """Resolved options, stopping criterion and seed mask of one session's tracking.
+
+    The one set-up the workflow and the benches share: the FA threshold is taken from the
+    data when unset (:func:`resolve_threshold`), and seeds below it are left out
+    (:func:`seed_mask_for`).
+
+    Returns
+    -------
+    options : TrackingOptions
+        With ``threshold`` filled in for the FA criterion.
+    criterion
+        From :func:`make_stopping_criterion`.
+    seeds : ndarray (X, Y, Z), bool
+    """
+    options = resolve_threshold(options, fa=fa, gm=gm)
+    criterion = make_stopping_criterion(options, affine, scalar=fa, wm=wm, gm=gm, csf=csf)
+    return options, criterion, seed_mask_for(options, wm=wm, gm=gm, fa=fa)
+
+
 def _step_size(options: TrackingOptions, affine: np.ndarray) -> float:
     # Half a voxel: the usual MRtrix/DIPY default; smaller steps cost time proportionally.
     return float(options.step_size or 0.5 * voxel_sizes(affine).min())

@@ -49,12 +49,15 @@ class SessionSinks:
         self.workflow, self.output_dir, self.base = workflow, str(output_dir), base
         self.datatype, self.count = datatype, 0
 
+    def _entities(self, entities: dict, more: dict) -> dict:
+        return {k: v for k, v in {**self.base, **entities, **more}.items() if v is not None}
+
     def path_of(self, entities: dict, suffix: str, extension: str, **more: str | None) -> str:
         """``bids::`` URI of an output of this session (for ``SpatialReference``)."""
         from pipeline.derivatives import build_path
 
-        entities = {k: v for k, v in {**self.base, **entities, **more}.items() if v is not None}
-        return f"bids::{build_path(entities, suffix, extension, self.datatype).as_posix()}"
+        path = build_path(self._entities(entities, more), suffix, extension, self.datatype)
+        return f"bids::{path.as_posix()}"
 
     def add(self, node: pe.Node, field: str, entities: dict, suffix: str, extension: str, *,
             meta: dict | None = None, meta_field: str | None = None,
@@ -62,8 +65,7 @@ class SessionSinks:
         """Sink ``node.field`` under the session's entities plus ``entities``/``more``."""
         from workflows.interfaces import DerivativesSink
 
-        entities = {**self.base, **entities, **more}
-        entities = {k: v for k, v in entities.items() if v is not None}
+        entities = self._entities(entities, more)
         self.count += 1
         parts = [str(v) for k, v in entities.items() if k not in ("subject", "session")]
         name = re.sub(r"[^0-9A-Za-z]+", "_",

@@ -440,9 +440,8 @@ def track_session(
     affine = fod.affine
     maps = {k: np.asarray(v.dataobj, np.float64) for k, v in tissues.items()}
     fa_data = np.asarray(fa.dataobj, np.float64)
-    options = tractography.resolve_threshold(options, fa=fa_data, gm=maps["gm"])
-    criterion = tractography.make_stopping_criterion(options, affine, scalar=fa_data, **maps)
-    seeds = tractography.seed_mask_for(options, wm=maps["wm"], gm=maps["gm"], fa=fa_data)
+    options, criterion, seeds = tractography.prepare_tracking(options, affine, fa=fa_data,
+                                                              **maps)
     labelled = []
     for name, image, table in atlases:
         labels = np.asarray(image.dataobj)

@@ -235,9 +235,10 @@ class ResampleToTemplate(SimpleInterface):
                                   spec.num_threads)
         params = pd.read_csv(spec.motion_file, sep="\t")[list(motion.MOTION_COLUMNS)].to_numpy()
         brain = resample.resample_image(nb.load(spec.brain_mask), coords, affine, order=1)
+        in_brain = np.asarray(brain.dataobj) > 0.5
         # Every later step reads the BOLD inside the brain mask only: interpolating a
         # margin around it, not the whole template box, is ~4x less work.
-        margin = resample.with_margin(np.asarray(brain.dataobj) > 0.5)
+        margin = resample.with_margin(in_brain)
         out = resample.resample_bold(
             bold, _cwd_file(runtime, "bold_mni.nii"), coords, affine, motion=params,
             t1w_to_bold=np.loadtxt(spec.t1w_to_bold), order=spec.order, where=margin,
@@ -247,7 +248,7 @@ class ResampleToTemplate(SimpleInterface):
         covered = np.ones(shape, bool)
         for k in range(shape[2]):
             covered[:, :, k] = np.asarray(data[:, :, k, :]).min(axis=-1) > 0
-        mask = (np.asarray(brain.dataobj) > 0.5) & covered
+        mask = in_brain & covered
         if not mask.any():
             raise ValueError(f"{spec.in_file}: the BOLD brain mask in template space is empty; "
                              "check the BOLD -> T1w registration and the T1w brain mask")
