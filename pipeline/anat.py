@@ -89,6 +89,33 @@ def head_mask(t1w: nb.Nifti1Image) -> nb.Nifti1Image:
     return nb.Nifti1Image(mask.astype(np.uint8), t1w.affine)
 
 
+def coarse_copy(img: nb.Nifti1Image, resolution: float) -> nb.Nifti1Image:
+    """``img`` on a grid of ``resolution`` mm voxels over the same field of view.
+
+    Returned unchanged when no axis is finer than ``resolution``.  Otherwise Gaussian
+    pre-smoothing (FWHM^2 = target^2 - source^2 per axis, against aliasing) and linear
+    interpolation; the grid keeps the image's orientation.
+    """
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    if np.all(zooms >= resolution - 1e-3):
+        return img
+    target = np.maximum(zooms, resolution)
+    sigma_vox = np.sqrt(np.maximum(target**2 - zooms**2, 0.0)) / 2.3548 / zooms
+    data = ndimage.gaussian_filter(np.asarray(img.dataobj, dtype=np.float32), sigma_vox)
+    scale = target / zooms
+    shape = np.ceil(np.asarray(img.shape[:3]) / scale).astype(int)
+    affine = img.affine.copy()
+    affine[:3, :3] = img.affine[:3, :3] * scale
+    # voxel centres of the coarse grid sit at the centre of each block of fine voxels
+    affine[:3, 3] = img.affine[:3, :3] @ ((scale - 1) / 2) + img.affine[:3, 3]
+    coords = (np.indices(shape, dtype=np.float32).reshape(3, -1).T * scale
+              + (scale - 1) / 2).T
+    out = ndimage.map_coordinates(data, coords, order=1, mode="nearest")
+    coarse = nb.Nifti1Image(out.reshape(shape).astype(np.float32), affine)
+    coarse.header.set_xyzt_units("mm")
+    return coarse
+
+
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     lab, n = ndimage.label(mask)
     if n <= 1:
@@ -184,6 +211,9 @@ def brain_extraction(
 ) -> BrainExtraction:
     """Template-based brain extraction without downloaded templates.
 
+    Registrations run on a copy of the T1w at the template's resolution
+    (:func:`coarse_copy`); only the final mask is resampled onto the native grid.
+
     1. Rigid + affine registration of the bundled skull-stripped MNI T1w to the
        (bias-corrected) head, restricted to the Otsu head mask.
     2. SyN, with the metric restricted to the affinely-mapped brain mask dilated
@@ -211,17 +241,20 @@ def brain_extraction(
     img = _as_image(t1w)
     template = load_template(resolution)
     work = Path(work_dir) if work_dir is not None else None
-    head = head_mask(img)
+    # the prior is a `resolution` mm mask, so registering on a finer grid buys no accuracy:
+    # at 1 mm, SyN on the native grid cost ~40 CPU-minutes per session, on a 2 mm copy ~2
+    coarse = coarse_copy(img, resolution)
+    head = head_mask(coarse)
     common = dict(settings=settings, work_dir=work, seed=seed, n_threads=n_threads,
                   source=template.name, target="T1w")
-    linear, _ = register(img, template.t1w, stages=("rigid", "affine"), fixed_mask=head,
+    linear, _ = register(coarse, template.t1w, stages=("rigid", "affine"), fixed_mask=head,
                          prefix="bet_affine_", **common)
-    prior = np.asarray(apply_transform(template.brain_mask, linear, img,
+    prior = np.asarray(apply_transform(template.brain_mask, linear, coarse,
                                        n_threads=n_threads).dataobj) > 0.5
-    zoom = min(img.header.get_zooms()[:3])
+    zoom = min(coarse.header.get_zooms()[:3])
     metric_mask = ndimage.binary_dilation(prior, iterations=max(1, round(10 / zoom)))
-    warp, _ = register(img, template.t1w, stages=("syn",), initial=linear,
-                       fixed_mask=nb.Nifti1Image(metric_mask.astype(np.uint8), img.affine),
+    warp, _ = register(coarse, template.t1w, stages=("syn",), initial=linear,
+                       fixed_mask=nb.Nifti1Image(metric_mask.astype(np.uint8), coarse.affine),
                        prefix="bet_syn_", **common)
     warped = np.asarray(apply_transform(template.brain_mask, warp, img,
                                         n_threads=n_threads).dataobj)

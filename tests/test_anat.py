@@ -17,6 +17,7 @@ from scipy.spatial.transform import Rotation
 
 from pipeline.anat import (
     brain_extraction,
+    coarse_copy,
     head_mask,
     jacobian_volumes,
     label_volumes,
@@ -154,6 +155,32 @@ def test_brain_extraction_and_tissues_on_skull_phantom(head, corrected, tmp_path
     total = sum(seg[t].get_fdata() for t in ("GM", "WM", "CSF"))
     np.testing.assert_allclose(total[mask], 1.0, atol=1e-5)
     assert set(np.unique(seg["dseg"].get_fdata()[mask])) <= {1, 2, 3}
+
+
+def test_coarse_copy_keeps_world_positions():
+    """A 1 mm blob seen on the 2 mm copy stays where it was in world space."""
+    shape = (40, 36, 30)
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = (20.0, -18.0, -15.0)
+    centre_vox = np.array([17.0, 20.0, 12.0])
+    grid = np.indices(shape).reshape(3, -1).T
+    data = np.exp(-((grid - centre_vox) ** 2).sum(1) / (2 * 4.0**2)).reshape(shape)
+    fine = nb.Nifti1Image(data.astype(np.float32), affine)
+
+    coarse = coarse_copy(fine, 2.0)
+
+    assert coarse.header.get_zooms()[:3] == (2.0, 2.0, 2.0)
+    assert coarse.shape == (20, 18, 15)
+    values = np.asarray(coarse.dataobj)
+    weights = values / values.sum()
+    centroid_vox = np.indices(coarse.shape).reshape(3, -1) @ weights.ravel()
+    world_coarse = coarse.affine[:3, :3] @ centroid_vox + coarse.affine[:3, 3]
+    world_fine = affine[:3, :3] @ centre_vox + affine[:3, 3]
+    assert np.allclose(world_coarse, world_fine, atol=0.05)
+    # total signal (mass per unit volume) is kept by the pre-smoothing + interpolation
+    assert values.sum() * 8 == pytest.approx(data.sum(), rel=0.01)
+    # already at (or coarser than) the target: the very same image comes back
+    assert coarse_copy(coarse, 2.0) is coarse
 
 
 def test_segmentation_recovers_planted_classes(rng):
