@@ -346,7 +346,8 @@ def _methods(*, n_runs: int, qsiprep: bool, tracking: str, seeding: str, stoppin
                "taken from QSIPrep [@qsiprep]. ")
     else:
         denoised = {
-            "mppca": "denoised with Marchenko-Pastur PCA [@veraart2016] (DIPY [@dipy]), ",
+            "mppca": "denoised with Marchenko-Pastur PCA [@veraart2016] (DIPY's estimator, 5x5x5 "
+                     "voxel patches), ",
             "patch2self": "denoised with Patch2Self [@patch2self] (DIPY [@dipy]), ",
             "none": "",
         }[denoise_method]
