@@ -345,6 +345,7 @@ def motion_correct(
     level_iters: Sequence[int] = (200, 100, 50),
     sigmas: Sequence[float] = (2.0, 1.0, 0.0),
     factors: Sequence[int] = (4, 2, 1),
+    samples: int | None = 75_000,
 ) -> MotionResult:
     """Rigid per-volume head-motion correction to the mean b=0, with b-vector rotation.
 
@@ -361,7 +362,16 @@ def motion_correct(
     bvals : ndarray (N,)
     bvecs : ndarray (N, 3)
     mask : ndarray (X, Y, Z), optional
-        Reference-space mask restricting the similarity metric.
+        Reference-space mask restricting the similarity metric; used only when the
+        metric is dense (DIPY does not mask a sampled metric).
+    samples : int or None
+        Number of voxels on which mutual information is evaluated (DIPY's regular grid,
+        jittered with a fixed seed, so runs are reproducible; coarser levels sample the
+        same fraction of their grid).  The metric is dense when that is more than half
+        the image, or with ``None``.  On a realistic 2 mm session (744,000 voxels),
+        75,000 samples were 4.7x faster than the dense masked metric and recovered a
+        known 1.5 mm / 1.5 degree move more consistently (0.07 vs 0.36 mm at 50 mm from
+        the centre; bench/README.md).
 
     Returns
     -------
@@ -383,6 +393,12 @@ def motion_correct(
     out = np.empty_like(data)
     affines = np.tile(np.eye(4), (n, 1, 1))
 
+    proportion = None if samples is None else samples / np.prod(data.shape[:3])
+    metric: dict[str, Any] = (
+        {"static_mask": mask} if proportion is None or proportion > 0.5
+        else {"sampling_proportion": proportion}
+    )
+
     def register(v: int, reference: np.ndarray) -> None:
         resampled, reg = affine_registration(
             data[..., v].astype(np.float64),
@@ -396,7 +412,7 @@ def motion_correct(
             level_iters=list(level_iters),
             sigmas=list(sigmas),
             factors=list(factors),
-            static_mask=mask,
+            **metric,
         )
         out[..., v] = resampled
         affines[v] = reg
