@@ -45,6 +45,16 @@ class InputSummary:
         return asdict(self)
 
 
+def float32_gb(path: str | Path) -> float:
+    """Size of an image's data as float32, in GB, from its header alone.
+
+    Memory estimates for the scheduler scale with it (a node that holds the image and
+    two working copies needs about three times this much).
+    """
+    shape = nb.load(str(path)).shape
+    return float(np.prod(shape, dtype=np.float64)) * 4 / 1e9
+
+
 def load_image_data(path: str | Path) -> tuple[nb.Nifti1Image, np.ndarray]:
     """Load a NIfTI image with its data, turning every read failure into :class:`InputFileError`."""
     path = Path(path)

@@ -98,3 +98,14 @@ def test_gzip_garbage_is_reported(tmp_path):
         handle.write(b"not a nifti header" * 10)
     with pytest.raises(inputs.InputFileError, match=r"garbage\.nii\.gz: cannot be read"):
         inputs.check_t1w(path)
+
+
+def test_float32_gb_reads_the_header_only(tmp_path):
+    path = tmp_path / "bold.nii.gz"
+    nb.save(nb.Nifti1Image(np.zeros((10, 20, 5, 4), np.int16), np.eye(4)), path)
+    assert inputs.float32_gb(path) == pytest.approx(10 * 20 * 5 * 4 * 4 / 1e9)
+    # a truncated file still has its header: the estimate needs nothing more
+    data = gzip.decompress(path.read_bytes())
+    cut = tmp_path / "cut.nii"
+    cut.write_bytes(data[:400])
+    assert inputs.float32_gb(cut) == pytest.approx(10 * 20 * 5 * 4 * 4 / 1e9)

@@ -16,8 +16,12 @@ from nipype.pipeline import engine as pe
 LOGGER = logging.getLogger("trajectome")
 _SUBJECT = re.compile(r"(?:^|\.)sub_([0-9A-Za-z]+)_wf")
 _SESSION = re.compile(r"[._]ses_([0-9A-Za-z]+)(?=$|[._])")
-#: Thread-pool sizes of numpy's BLAS and OpenMP code, set from ``--omp-nthreads``.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+#: Thread-pool size of OpenMP code (DIPY's tracker), set from ``--omp-nthreads``.
+THREAD_VARIABLES = ("OMP_NUM_THREADS",)
+#: numpy/scipy BLAS pools: one thread per worker.  Every node that leans on BLAS declares
+#: one thread to the scheduler, and a larger pool spins against the other workers
+#: (MP-PCA beside another busy worker: 86 CPU-s with 2 BLAS threads, 18 with 1).
+BLAS_VARIABLES = ("MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 #: Seconds between two samples of a node's memory and CPU under ``--resource-monitor``.
 MONITOR_INTERVAL_S = 0.5
 
@@ -118,6 +122,7 @@ def run_workflow(
     if omp_nthreads:
         # inherited by the worker processes: BLAS/OpenMP pools sized as the scheduler expects
         os.environ.update({name: str(omp_nthreads) for name in THREAD_VARIABLES})
+    os.environ.update({name: "1" for name in BLAS_VARIABLES})
     if registration_nthreads:
         # ITK reads this once, when a process first uses it: later changes are ignored,
         # so it must be set before any worker starts (multithreaded ANTs is not reproducible)
