@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nipype.pipeline import engine as pe
+from threadpoolctl import threadpool_limits
 
 LOGGER = logging.getLogger("trajectome")
 _SUBJECT = re.compile(r"(?:^|\.)sub_([0-9A-Za-z]+)_wf")
@@ -123,6 +124,9 @@ def run_workflow(
         # inherited by the worker processes: BLAS/OpenMP pools sized as the scheduler expects
         os.environ.update({name: str(omp_nthreads) for name in THREAD_VARIABLES})
     os.environ.update({name: "1" for name in BLAS_VARIABLES})
+    # MultiProc forks its workers from this process, whose BLAS pools were sized when numpy
+    # was imported: the variables above no longer reach them, the live pools must shrink
+    threadpool_limits(limits=1, user_api="blas")
     if registration_nthreads:
         # ITK reads this once, when a process first uses it: later changes are ignored,
         # so it must be set before any worker starts (multithreaded ANTs is not reproducible)

@@ -1,0 +1,37 @@
+"""Scheduling set-up of :func:`workflows.run.run_workflow`."""
+
+from __future__ import annotations
+
+import json
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from workflows.run import run_workflow
+
+
+def _blas_threads(out_file: str) -> str:
+    import json
+
+    import numpy  # noqa: F401  (loads the BLAS whose pool is inspected)
+    from threadpoolctl import threadpool_info
+
+    sizes = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    with open(out_file, "w") as handle:
+        json.dump(sizes, handle)
+    return out_file
+
+
+def test_forked_workers_get_one_blas_thread(tmp_path):
+    # MultiProc forks workers from a process whose BLAS pools were sized at import time,
+    # so environment variables set later would not reach them
+    workflow = pe.Workflow(name="blas_probe", base_dir=str(tmp_path / "work"))
+    probe = pe.Node(niu.Function(function=_blas_threads, input_names=["out_file"],
+                                 output_names=["out_file"]), name="probe")
+    probe.inputs.out_file = str(tmp_path / "sizes.json")
+    workflow.add_nodes([probe])
+    failures = run_workflow(workflow, work_dir=tmp_path / "work", crash_dir=tmp_path / "crash",
+                            nprocs=2, omp_nthreads=2)
+    assert failures == []
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert sizes and all(n == 1 for n in sizes)
