@@ -35,3 +35,35 @@ def test_forked_workers_get_one_blas_thread(tmp_path):
     assert failures == []
     sizes = json.loads((tmp_path / "sizes.json").read_text())
     assert sizes and all(n == 1 for n in sizes)
+
+
+def _sleep(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def test_scheduler_idles_while_a_long_node_runs(tmp_path, monkeypatch):
+    # a free processor and nothing ready to run: Nipype's submission pass (which runs
+    # gc.collect() each time) must not run at every poll; it held a whole core during the
+    # subject template of a realistic run
+    from nipype.pipeline.plugins.multiproc import MultiProcPlugin
+
+    passes = []
+    original = MultiProcPlugin._send_procs_to_workers
+
+    def counted(self, *args, **kwargs):
+        passes.append(len(self.pending_tasks))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MultiProcPlugin, "_send_procs_to_workers", counted)
+    workflow = pe.Workflow(name="idle_probe", base_dir=str(tmp_path / "work"))
+    node = pe.Node(niu.Function(function=_sleep, input_names=["seconds"],
+                                output_names=["seconds"]), name="sleep")
+    node.inputs.seconds = 3.0
+    workflow.add_nodes([node])
+    assert run_workflow(workflow, work_dir=tmp_path / "work", crash_dir=tmp_path / "crash",
+                        nprocs=2) == []
+    # stock MultiProc: one pass per 0.05 s poll while the node sleeps (~60)
+    assert passes == [0], passes
