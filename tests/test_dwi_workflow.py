@@ -157,8 +157,11 @@ def _session(tmp_path, n_runs=1):
     runs = []
     for i in range(n_runs):
         stem = tmp_path / f"sub-01_ses-pre_run-{i + 1}_dwi"
-        for ext in (".nii.gz", ".bval", ".bvec"):  # the interfaces check the files exist
+        for ext in (".bval", ".bvec"):  # the interfaces check the files exist
             Path(f"{stem}{ext}").touch()
+        # a real header: the scheduler's memory estimate is read from it
+        nb.save(nb.Nifti1Image(np.zeros((10, 10, 10, 5), np.int16), np.eye(4)),
+                f"{stem}.nii.gz")
         runs.append(DwiRun(Path(f"{stem}.nii.gz"), Path(f"{stem}.bval"), Path(f"{stem}.bvec"),
                            {}, {}))
     return Session("01", "pre", "pre", 1, None, (), (), tuple(runs)), runs
@@ -178,6 +181,8 @@ def test_graph_has_the_stages_and_resources(tmp_path):
     assert sum(n.startswith("ds_") and "relmat" in n for n in names) == 8
     assert any("streamlines_tck" in n for n in names)
     assert wf.get_node("track_connectomes").n_procs == 2
+    # reserved memory grows with the run's size (fitted to the realistic subject's peaks)
+    assert wf.get_node("preproc_run_1").mem_gb == pytest.approx(0.8 + 10 * 5000 * 4 / 1e9)
     assert set(wf.get_node("inputnode").inputs.copyable_trait_names()) >= set(INPUT_FIELDS)
     merge = wf.get_node("merge_streamlinecount")  # outputnode list: one relmat per atlas
     assert merge.interface._numinputs == 2

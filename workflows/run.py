@@ -180,9 +180,10 @@ def run_workflow(
         # directory (workers inherit it): keep them in the work directory, not the user's
         cwd = work_dir / "resource_monitor"
         cwd.mkdir(parents=True, exist_ok=True)
-    runner: Any = ThriftyMultiProc(plugin_args=args) if plugin == "MultiProc" else plugin
     try:
         with contextlib.chdir(cwd):
+            # made here: a plugin's resource monitor writes into the working directory
+            runner: Any = ThriftyMultiProc(plugin_args=args) if plugin == "MultiProc" else plugin
             workflow.run(plugin=runner, plugin_args=args)
     except RuntimeError as err:
         failures = read_crash_files(crash_dir)
