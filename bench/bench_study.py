@@ -201,13 +201,16 @@ def simulate(args: argparse.Namespace, bids: Path, labels: list[str]) -> Level |
 # --------------------------------------------------------------------------- truth
 
 
+def _planted_table(bids: Path, label: str) -> pd.DataFrame:
+    return pd.read_csv(bids / "derivatives" / "groundtruth" / f"sub-{label}"
+                       / f"sub-{label}_desc-planted_effects.tsv", sep="\t")
+
+
 def planted_effects(bids: Path, labels: list[str], modality: str = "func") -> pd.DataFrame:
     """Every subject's ``modality`` rows of ``sub-X_desc-planted_effects.tsv``, with the key."""
     frames = []
     for label in labels:
-        path = (bids / "derivatives" / "groundtruth" / f"sub-{label}"
-                / f"sub-{label}_desc-planted_effects.tsv")
-        table = pd.read_csv(path, sep="\t")
+        table = _planted_table(bids, label)
         table = table[table["modality"] == modality].copy()
         table.insert(0, "subject", label)
         frames.append(table)
@@ -426,8 +429,7 @@ def score_structure(out: Path, bids: Path, labels: list[str]) -> tuple[pd.DataFr
     group = pd.DataFrame(rows)
     detail = []
     for label in labels:
-        planted = pd.read_csv(bids / "derivatives" / "groundtruth" / f"sub-{label}"
-                              / f"sub-{label}_desc-planted_effects.tsv", sep="\t")
+        planted = _planted_table(bids, label)
         changes = _changes(out, label)
         for effect, (modality, metric, scope, network, nodes) in STRUCTURE_EFFECTS.items():
             truth = planted[planted["effect"] == effect].iloc[0]

@@ -236,9 +236,8 @@ def denoise(
                                    np.pad(full, pad), patch_radius=patch_radius)
         inner = tuple(slice(patch_radius, patch_radius + n) for n in data.shape[:3])
         den, sigma = den[inner], sigma[inner]
-        sel = mask if mask is not None else np.ones(data.shape[:3], bool)
         info = {"method": "mppca", "patch_radius": patch_radius,
-                "median_sigma": float(np.nanmedian(sigma[sel]))}
+                "median_sigma": float(np.nanmedian(sigma[full]))}
         return np.asarray(den, dtype=np.float32), info
     from dipy.denoise.patch2self import patch2self
 

@@ -144,7 +144,7 @@ def run_workflow(
     work_dir, crash_dir = Path(work_dir).absolute(), Path(crash_dir).absolute()
     crash_dir.mkdir(parents=True, exist_ok=True)
     if omp_nthreads:
-        # inherited by the worker processes: BLAS/OpenMP pools sized as the scheduler expects
+        # inherited by the worker processes: OpenMP pools (DIPY's tracker) as the scheduler expects
         os.environ.update({name: str(omp_nthreads) for name in THREAD_VARIABLES})
     os.environ.update({name: "1" for name in BLAS_VARIABLES})
     # MultiProc forks its workers from this process, whose BLAS pools were sized when numpy
