@@ -368,9 +368,9 @@ def motion_correct(
         jittered with a fixed seed, so runs are reproducible; coarser levels sample the
         same fraction of their grid).  The metric is dense when that is more than half
         the image, or with ``None``.  On a realistic 2 mm session (744,000 voxels),
-        75,000 samples were 4.7x faster than the dense masked metric and recovered a
-        known 1.5 mm / 1.5 degree move more consistently (0.07 vs 0.36 mm at 50 mm from
-        the centre; bench/README.md).
+        75,000 samples were 3.5-4.7x faster than the dense masked metric and recovered a
+        known 1.5 mm / 1.5 degree move more closely (at most 0.07-0.12 mm vs 0.27-0.36 mm
+        at 50 mm from the centre; ``bench/bench_dwi_steps.py``, bench/README.md).
 
     Returns
     -------

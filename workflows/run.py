@@ -23,7 +23,8 @@ _SESSION = re.compile(r"[._]ses_([0-9A-Za-z]+)(?=$|[._])")
 THREAD_VARIABLES = ("OMP_NUM_THREADS",)
 #: numpy/scipy BLAS pools: one thread per worker.  Every node that leans on BLAS declares
 #: one thread to the scheduler, and a larger pool spins against the other workers
-#: (MP-PCA beside another busy worker: 86 CPU-s with 2 BLAS threads, 18 with 1).
+#: (MP-PCA beside another busy process: 51-86 CPU-s with 2 BLAS threads, 17-18 with 1;
+#: bench/bench_dwi_steps.py).
 BLAS_VARIABLES = ("MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 #: Seconds between two samples of a node's memory and CPU under ``--resource-monitor``.
 MONITOR_INTERVAL_S = 0.5
