@@ -65,7 +65,8 @@ TARGET_WALL_MIN, TARGET_PEAK_GB, TARGET_TRACK_GB, TARGET_WORK_GB = 45.0, 8.0, 1.
 #: Interface class -> (modality, stage), in the order the stage table lists them.
 STAGES: dict[str, tuple[str, str]] = {
     "PreprocessT1w": ("anat", "N4, brain extraction, tissues"),
-    "SubjectTemplate": ("anat", "within-subject template"),
+    "SubjectTemplate": ("anat", "within-subject template (rigid)"),
+    "LongitudinalWarp": ("anat", "session -> template SyN"),
     "RegisterToMNI": ("anat", "registration to MNI"),
     "ComposeTransforms": ("anat", "registration to MNI"),
     "WarpAtlas": ("anat", "atlas to T1w, regional volumes"),

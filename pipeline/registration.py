@@ -653,7 +653,8 @@ def build_subject_template(
 
     ``unbiased`` (default): sessions are first aligned on their brain centroids and
     averaged; then, ``iterations`` times, every session is rigidly registered to the
-    current average, the log-Euclidean mean of the session transforms is removed
+    current average (all but the last time without the finest level), the
+    log-Euclidean mean of the session transforms is removed
     (so the template sits at the centre of the sessions, none privileged) and the
     template is re-averaged.  Finally, when ``nonlinear``, each session is resampled
     once on the template grid (windowed sinc), its residual bias matched to the template
@@ -702,7 +703,6 @@ def build_subject_template(
     conf = get_settings(settings)
     common = dict(settings=conf, work_dir=work, seed=seed, n_threads=n_threads)
     interpolation = conf["template"].get("interpolation", "linear")
-    dbc_sigma = conf["template"].get("dbc_sigma_mm", 0.0)
 
     if mode == "sessionwise":
         transforms = [identity_transform(work, source=n, target=n) for n in names]
@@ -731,6 +731,10 @@ def build_subject_template(
             shift[:3, 3] = _LPS[:3, :3] @ (c - mean_c)
             matrices.append(shift)
         n_iter = iterations if iterations is not None else conf["template"]["iterations"]
+        levels = len(conf["rigid"]["shrink"])
+        # a two-level preset (sloppy) left with its coarse level alone steered badly
+        coarse = conf if levels < 3 else {**conf, "rigid": {**conf["rigid"], **{
+            key: conf["rigid"][key][:-1] for key in ("iterations", "shrink", "smooth")}}}
         tmask = None
         for it in range(n_iter + 1):
             rigid = [
@@ -745,11 +749,14 @@ def build_subject_template(
             if final:
                 break
             matrices = []
+            # only the last rigid fit decides the template; earlier ones skip the full-resolution
+            # level (1 mm T1w: 6.4 s instead of 24.6 s per fit, within 0.03 mm of it)
+            steer = common if it == n_iter - 1 else {**common, "settings": coarse}
             for k in range(len(imgs)):
                 tx, _ = register(template, norm[k], stages=("rigid",), initial=rigid[k],
                                  fixed_mask=tmask, moving_mask=msks[k],
                                  prefix=f"{names[k]}_it{it}_", source=names[k],
-                                 target="template", **common)
+                                 target="template", **steer)
                 matrices.append(transform_affine(tx))
             # recentre: the mean session transform becomes the identity
             centre = np.linalg.inv(_mean_rigid(matrices))
@@ -758,22 +765,82 @@ def build_subject_template(
     if not nonlinear:
         return SubjectTemplate(mode, template, tmask, rigid)
     transforms = []
-    syn_conf = {**conf, "syn": conf["syn_longitudinal"]}
     for k, tx in enumerate(rigid):
         if mode == "first" and k == 0:
             transforms.append(tx)
             continue
-        # each session is registered on the template grid, resampled once (sinc) and with
-        # its residual bias matched to the template, so that the warp sees anatomy only
-        moved = resampled[k] if resampled is not None else apply_transform(
-            norm[k], tx, template, interpolation=interpolation, n_threads=n_threads)
-        if dbc_sigma > 0 and tmask is not None:
-            moved = differential_bias_correction(moved, template, tmask, sigma_mm=dbc_sigma)
-        warp, _ = register(template, moved, stages=("syn",), initial=None, fixed_mask=tmask,
-                           moving_mask=tmask, prefix=f"{names[k]}_syn_",
-                           source=names[k], target="template", **{**common, "settings": syn_conf})
-        transforms.append(tx.then(warp))
+        transforms.append(longitudinal_warp(
+            norm[k], tx, template, tmask, on_template=resampled[k] if resampled else None,
+            settings=conf, work_dir=work, seed=seed, n_threads=n_threads, name=names[k]))
     return SubjectTemplate(mode, template, tmask, transforms)
+
+
+def longitudinal_warp(
+    image: nb.Nifti1Image | str | os.PathLike,
+    rigid: Transform,
+    template: nb.Nifti1Image | str | os.PathLike,
+    template_mask: nb.Nifti1Image | str | os.PathLike | None,
+    *,
+    mask: nb.Nifti1Image | str | os.PathLike | None = None,
+    on_template: nb.Nifti1Image | None = None,
+    settings: str | dict = "default",
+    work_dir: str | os.PathLike | None = None,
+    seed: int = DEFAULT_SEED,
+    n_threads: int | None = 1,
+    name: str = "session",
+) -> Transform:
+    """One session's SyN warp onto its subject template, chained after its rigid transform.
+
+    The session is resampled once on the template grid (the template preset's
+    interpolation), its residual bias matched to the template
+    (:func:`differential_bias_correction`) and registered with the
+    ``syn_longitudinal`` preset, so that the warp carries anatomy only.  Sessions are
+    independent here, which lets a workflow run them side by side.
+
+    Parameters
+    ----------
+    image : nibabel image or path
+        The session's skull-stripped T1w; intensity-scaled like the template unless
+        ``mask`` is given (then scaled here by its median inside the mask).
+    rigid : Transform
+        Session -> template rigid transform (from :func:`build_subject_template` with
+        ``nonlinear=False``).
+    template, template_mask : nibabel image or path
+        The subject template and its brain mask.
+    mask : nibabel image or path, optional
+        The session's brain mask, to scale ``image`` as the template build did.
+    on_template : nibabel image, optional
+        ``image`` already resampled on the template grid (skips that step).
+    settings, work_dir, seed, n_threads
+        As for :func:`register`.
+    name : str
+        Session label, for file names.
+
+    Returns
+    -------
+    Transform
+        Session -> template (rigid then SyN).
+    """
+    conf = get_settings(settings)
+    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="trajsyn_"))
+    template = _as_image(template)
+    tmask = _as_image(template_mask) if template_mask is not None else None
+    moved = on_template
+    if moved is None:
+        img = _as_image(image)
+        if mask is not None:
+            img = _normalised(img, _as_image(mask))
+        moved = apply_transform(img, rigid, template,
+                                interpolation=conf["template"].get("interpolation", "linear"),
+                                n_threads=n_threads)
+    dbc_sigma = conf["template"].get("dbc_sigma_mm", 0.0)
+    if dbc_sigma > 0 and tmask is not None:
+        moved = differential_bias_correction(moved, template, tmask, sigma_mm=dbc_sigma)
+    warp, _ = register(template, moved, stages=("syn",), initial=None, fixed_mask=tmask,
+                       moving_mask=tmask, prefix=f"{name}_syn_", source=name, target="template",
+                       settings={**conf, "syn": conf["syn_longitudinal"]}, work_dir=work,
+                       seed=seed, n_threads=n_threads)
+    return rigid.then(warp)
 
 
 def differential_bias_correction(

@@ -67,3 +67,30 @@ def test_scheduler_idles_while_a_long_node_runs(tmp_path, monkeypatch):
                         nprocs=2) == []
     # stock MultiProc: one pass per 0.05 s poll while the node sleeps (~60)
     assert passes == [0], passes
+
+
+def _stamp(label: str, log: str, after: str = "") -> str:
+    with open(log, "a") as handle:
+        handle.write(label + "\n")
+    return label
+
+
+def test_scheduler_starts_the_node_most_others_wait_on(tmp_path):
+    # one processor, two ready nodes: the head of a chain (the anatomy every other stage
+    # waits on) must start before a lone node that graph order offers first
+    log = str(tmp_path / "order.txt")
+
+    def node(name):
+        made = pe.Node(niu.Function(function=_stamp, input_names=["label", "log", "after"],
+                                    output_names=["label"]), name=name)
+        made.inputs.label, made.inputs.log = name, log
+        return made
+
+    workflow = pe.Workflow(name="order_probe", base_dir=str(tmp_path / "work"))
+    lone, head, middle, tail = (node(n) for n in ("a_lone", "b_head", "c_middle", "d_tail"))
+    workflow.add_nodes([lone])
+    workflow.connect([(head, middle, [("label", "after")]), (middle, tail, [("label", "after")])])
+    assert run_workflow(workflow, work_dir=tmp_path / "work", crash_dir=tmp_path / "crash",
+                        nprocs=1) == []
+    order = open(log).read().split()
+    assert order.index("b_head") < order.index("a_lone"), order

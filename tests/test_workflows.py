@@ -52,6 +52,20 @@ def test_graph_builds_for_every_anat_reference(subjects, tmp_path, sloppy, anat_
     assert not any("func_" in n or "dwi_" in n for n in names)
     shared = "sub_01_wf.anat_wf.template_to_mni" in names
     assert shared == (anat_reference != "sessionwise")
+    warps = {n for n in names if ".anat_wf.to_template_" in n}
+    warped = {"unbiased": {"pre", "post"}, "first": {"post"}, "sessionwise": set()}
+    assert warps == {f"sub_01_wf.anat_wf.to_template_ses_{s}" for s in warped[anat_reference]}
+    if warps:
+        # the per-session warps wait for the rigid template only: they run side by side
+        # with each other and with the template's MNI registration
+        import networkx as nx
+
+        flat = wf._create_flat_graph()
+        by_name = {n.fullname.split(".", 1)[1]: n for n in flat.nodes}
+        for warp in warps:
+            upstream = {n.fullname.split(".", 1)[1] for n in nx.ancestors(flat, by_name[warp])}
+            assert "sub_01_wf.anat_wf.subject_template" in upstream
+            assert not (warps | {"sub_01_wf.anat_wf.template_to_mni"}) & upstream
     # sub-02 has no T1w: no anatomy, but its sessions table is still written
     assert "sub_02_wf.ds_sessions" in names
     assert not any(n.startswith("sub_02_wf.anat_wf") for n in names)

@@ -17,6 +17,7 @@ from workflows.engine import Workflow
 from workflows.interfaces import DerivativesSink
 from workflows.interfaces.anat import (
     ComposeTransforms,
+    LongitudinalWarp,
     PreprocessT1w,
     RegionalVolumes,
     RegisterToMNI,
@@ -117,8 +118,12 @@ def init_anat_wf(
 
     merge_brains = pe.Node(niu.Merge(len(names)), name="merge_brains")
     merge_masks = pe.Node(niu.Merge(len(names)), name="merge_masks")
+    # rigid template only: the per-session SyN runs in its own node below, side by side with
+    # the other sessions and with the template's MNI registration (one serial node was ~30 min
+    # of the critical path at 1 mm)
     template = pe.Node(
-        SubjectTemplate(names=names, mode=anat_reference, **common), name="subject_template"
+        SubjectTemplate(names=names, mode=anat_reference, nonlinear=False, **common),
+        name="subject_template",
     )
     template.n_procs = registration_nthreads
     for index, key in enumerate(names, start=1):
@@ -133,6 +138,19 @@ def init_anat_wf(
 
     split_transforms = pe.Node(niu.Split(splits=[1] * len(names), squeeze=True), name="split_xfms")
     workflow.connect(template, "transforms", split_transforms, "inlist")
+    # session -> template transform of each session: (node, output field)
+    to_template = {key: (split_transforms, f"out{i}") for i, key in enumerate(names, start=1)}
+    for index, key in enumerate(names):
+        if anat_reference == "sessionwise" or (anat_reference == "first" and index == 0):
+            continue
+        warp = pe.Node(LongitudinalWarp(name=key, **common), name=f"to_template_{key}")
+        warp.n_procs = registration_nthreads
+        workflow.connect([
+            (preproc[key], warp, [("brain", "brain"), ("brain_mask", "mask")]),
+            (split_transforms, warp, [(f"out{index + 1}", "rigid")]),
+            (template, warp, [("template", "template"), ("template_mask", "template_mask")]),
+        ])  # fmt: skip
+        to_template[key] = (warp, "transform")
 
     shared_to_mni = None
     if anat_reference != "sessionwise":
@@ -148,15 +166,16 @@ def init_anat_wf(
                   meta={"SkullStripped": True})
         sinks.add(template, "template_mask", {}, "mask", ".nii.gz", desc="brain")
 
-    for index, (session, key) in enumerate(zip(sessions, names, strict=True), start=1):
+    for session, key in zip(sessions, names, strict=True):
         ses_entities = {"session": session.label}
         outputnode = pe.Node(
             niu.IdentityInterface(fields=list(SESSION_OUTPUTS)), name=f"outputnode_{key}"
         )
         if shared_to_mni is not None:
             to_mni = pe.Node(ComposeTransforms(), name=f"to_mni_{key}")
+            node, field = to_template[key]
             workflow.connect([
-                (split_transforms, to_mni, [(f"out{index}", "first")]),
+                (node, to_mni, [(field, "first")]),
                 (shared_to_mni, to_mni, [("transform", "second")]),
             ])  # fmt: skip
             to_mni_node = to_mni
@@ -214,9 +233,10 @@ def init_anat_wf(
             ])  # fmt: skip
             if shared_to_mni is not None:
                 template_labels = _template_labels(workflow, atlas, template, shared_to_mni)
+                node, field = to_template[key]
                 workflow.connect([
                     (template_labels, volumes, [("out_file", "template_labels")]),
-                    (split_transforms, volumes, [(f"out{index}", "to_template")]),
+                    (node, volumes, [(field, "to_template")]),
                 ])  # fmt: skip
             atlas_entities = {**ses_entities, "atlas": atlas.name}
             sinks.add(warp, "out_file", {**atlas_entities, "space": "T1w"}, "dseg", ".nii.gz",

@@ -31,13 +31,29 @@ MONITOR_INTERVAL_S = 0.5
 
 
 class ThriftyMultiProc(MultiProcPlugin):
-    """Nipype's MultiProc, without its idle loop's cost.
+    """Nipype's MultiProc, without its idle loop's cost and with critical-path-first order.
 
     Every poll in which a processor is free, MultiProc's submission pass runs
     ``gc.collect()`` even when no ready node fits; on a subject's graph that kept the
     scheduler at ~95 % of a core while one long node (the subject template) ran.  The pass
     now runs only when some ready node fits the free processors and memory.
+
+    Ready nodes are offered in order of how many nodes wait on them (most first) instead
+    of graph order: the anatomical chain, which every atlas, BOLD resampling and
+    tractography waits for, then starts before the diffusion preprocessing that graph
+    order put first (the subject template started 56 min into a realistic run).
     """
+
+    def _generate_dependency_list(self, graph: Any) -> None:
+        import networkx as nx
+
+        super()._generate_dependency_list(graph)
+        self._waiting_on = np.array([len(nx.descendants(graph, node)) for node in self.procs])
+
+    def _sort_jobs(self, jobids: Any, scheduler: str = "tsort") -> Any:
+        if scheduler == "mem_thread":
+            return super()._sort_jobs(jobids, scheduler=scheduler)
+        return sorted(jobids, key=lambda job: -self._waiting_on[job])
 
     def _send_procs_to_workers(self, updatehash: bool = False, graph: Any = None) -> None:
         ready = np.flatnonzero(~self.proc_done & (self.depidx.sum(axis=0) == 0).__array__())

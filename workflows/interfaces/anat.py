@@ -84,6 +84,10 @@ class _SubjectTemplateInputSpec(_CommonInputSpec):
     masks = InputMultiObject(File(exists=True), mandatory=True)
     names = traits.List(traits.Str, mandatory=True, desc="session labels, same order")
     mode = traits.Enum(*registration.ANAT_REFERENCE_MODES, usedefault=True)
+    nonlinear = traits.Bool(
+        True, usedefault=True,
+        desc="add the per-session SyN here (False: rigid only; see LongitudinalWarp)",
+    )
 
 
 class _SubjectTemplateOutputSpec(TraitedSpec):
@@ -106,6 +110,7 @@ class SubjectTemplate(SimpleInterface):
             list(spec.brains),
             list(spec.masks),
             mode=spec.mode,
+            nonlinear=spec.nonlinear,
             settings=spec.settings,
             work_dir=runtime.cwd,
             seed=spec.seed,
@@ -152,6 +157,40 @@ class RegisterToMNI(SimpleInterface):
             source=spec.source,
         )
         path = Path(runtime.cwd) / "to_mni.json"
+        self._results["transform"] = str(registration.save_transform(transform, path))
+        return runtime
+
+
+class _LongitudinalWarpInputSpec(_CommonInputSpec):
+    brain = File(exists=True, mandatory=True, desc="the session's skull-stripped T1w")
+    mask = File(exists=True, mandatory=True, desc="the session's brain mask")
+    rigid = File(exists=True, mandatory=True, desc="session -> template rigid transform JSON")
+    template = File(exists=True, mandatory=True)
+    template_mask = File(exists=True, mandatory=True)
+    name = traits.Str(mandatory=True, desc="session label")
+
+
+class LongitudinalWarp(SimpleInterface):
+    """One session's SyN onto the subject template (see :func:`longitudinal_warp`)."""
+
+    input_spec = _LongitudinalWarpInputSpec
+    output_spec = _TransformOutputSpec
+
+    def _run_interface(self, runtime):
+        spec = self.inputs
+        transform = registration.longitudinal_warp(
+            spec.brain,
+            registration.load_transform(spec.rigid),
+            spec.template,
+            spec.template_mask,
+            mask=spec.mask,
+            settings=spec.settings,
+            work_dir=runtime.cwd,
+            seed=spec.seed,
+            n_threads=spec.num_threads,
+            name=spec.name,
+        )
+        path = Path(runtime.cwd) / f"to_template_{spec.name}.json"
         self._results["transform"] = str(registration.save_transform(transform, path))
         return runtime
 
