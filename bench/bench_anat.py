@@ -7,7 +7,8 @@ the simulator's ground truth::
 
     python bench/bench_anat.py bids_examples/ds-ect sub-pat01 --settings sloppy --threads 2
 
-``--reuse --work DIR`` skips the per-session preprocessing already in ``DIR``.
+``--reuse --work DIR`` skips the per-session preprocessing already in ``DIR``;
+``--preprocess-only`` stops after it and scores the brain masks alone.
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ def volumes(result: reg.SubjectTemplate, mni: reg.Transform, dirs: list[Path], w
     return out
 
 
+def mask_dice(root: Path, sub: str, ses: str, mask: Path) -> float:
+    """Dice of a brain mask against the simulator's true mask of that session."""
+    truth = root / GT / sub / f"ses-{ses}" / "anat" / \
+        f"{sub}_ses-{ses}_space-T1w_desc-brain_mask.nii.gz"
+    return dice(np.asarray(nb.load(mask).dataobj) > 0, np.asarray(nb.load(truth).dataobj) > 0)
+
+
 def score(root: Path, sub: str, sessions: list[str], dirs: list[Path],
           results: list[tuple[nb.Nifti1Image, pd.DataFrame]]) -> pd.DataFrame:
     """Brain-mask Dice, mean parcel Dice (true parcels > 500 mm3), hippocampal volumes."""
@@ -86,8 +94,6 @@ def score(root: Path, sub: str, sessions: list[str], dirs: list[Path],
     for ses, d, (native, vols) in zip(sessions, dirs, results, strict=True):
         gt = root / GT / sub / f"ses-{ses}" / "anat"
         stem = f"{sub}_ses-{ses}"
-        true_mask = np.asarray(nb.load(gt / f"{stem}_space-T1w_desc-brain_mask.nii.gz").dataobj)
-        mask = np.asarray(nb.load(d / "mask.nii.gz").dataobj)
         true = np.asarray(nb.load(
             gt / f"{stem}_space-T1w_atlas-{ATLAS}_desc-planted_dseg.nii.gz").dataobj).astype(int)
         labels = np.asarray(native.dataobj).astype(int)
@@ -99,7 +105,7 @@ def score(root: Path, sub: str, sessions: list[str], dirs: list[Path],
         hipp = anat.structure_volumes(vols, table)
         rows.append({
             "session": ses,
-            "mask_dice": dice(mask > 0, true_mask > 0),
+            "mask_dice": mask_dice(root, sub, ses, d / "mask.nii.gz"),
             "parcel_dice": float(np.mean([dice(labels == i, true == i) for i in big])),
             "n_parcels": len(big),
             "hipp_mm3": hipp["hippocampus_L"] + hipp["hippocampus_R"],
@@ -124,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="skip the per-session preprocessing whose outputs exist in --work "
                         "(accuracy runs; the table then lacks those stages)")
+    parser.add_argument("--preprocess-only", action="store_true",
+                        help="stop after N4, brain extraction and tissues; score the masks")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_anat_"))
     dirs = [work / ses for ses in args.sessions]
@@ -137,6 +145,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.subject}_ses-{ses}_T1w.nii.gz"
         stages.append(run_stage(f"preprocess ses-{ses}", preprocess, t1w, d, args.settings,
                                 args.threads))
+    if args.preprocess_only:
+        print(f"{args.subject}, settings={args.settings}, threads={args.threads}, work={work}")
+        print_table(stages)
+        for ses, d in zip(args.sessions, dirs, strict=True):
+            print(f"ses-{ses} brain-mask Dice vs truth: "
+                  f"{mask_dice(args.dataset, args.subject, ses, d / 'mask.nii.gz'):.4f}")
+        return
     tpl = run_stage("subject template", template, dirs, args.sessions, work / "template",
                     args.settings, args.threads)
     mni = run_stage("template -> MNI", to_mni, tpl.value, work / "template", args.settings,

@@ -216,8 +216,9 @@ def brain_extraction(
 
     1. Rigid + affine registration of the bundled skull-stripped MNI T1w to the
        (bias-corrected) head, restricted to the Otsu head mask.
-    2. SyN, with the metric restricted to the affinely-mapped brain mask dilated
-       by ~1 cm, so the skull and scalp do not pull the brain outline.
+    2. SyN (the preset's ``syn_brain`` stage when it has one), with the metric restricted
+       to the affinely-mapped brain mask dilated by ~1 cm, so the skull and scalp do not
+       pull the brain outline.
     3. The warped template brain mask (linear interpolation, > 0.5), holes filled,
        largest component kept.
 
@@ -241,11 +242,13 @@ def brain_extraction(
     img = _as_image(t1w)
     template = load_template(resolution)
     work = Path(work_dir) if work_dir is not None else None
+    conf = dict(get_settings(settings))
+    conf["syn"] = conf.get("syn_brain", conf["syn"])
     # the prior is a `resolution` mm mask, so registering on a finer grid buys no accuracy:
     # at 1 mm, SyN on the native grid cost ~40 CPU-minutes per session, on a 2 mm copy ~2
     coarse = coarse_copy(img, resolution)
     head = head_mask(coarse)
-    common = dict(settings=settings, work_dir=work, seed=seed, n_threads=n_threads,
+    common = dict(settings=conf, work_dir=work, seed=seed, n_threads=n_threads,
                   source=template.name, target="T1w")
     linear, _ = register(coarse, template.t1w, stages=("rigid", "affine"), fixed_mask=head,
                          prefix="bet_affine_", **common)

@@ -32,6 +32,11 @@ import numpy as np
 #: Seed handed to every ANTs call that samples randomly.
 DEFAULT_SEED = 20240601
 
+#: ITK sizes its thread pool from this once, at a process's first ITK call (an image write
+#: counts), and multithreaded ANTs is not reproducible: one thread unless already chosen.
+ITK_THREADS = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+os.environ.setdefault(ITK_THREADS, "1")
+
 #: ITK's LPS world <-> nibabel's RAS world.
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -50,6 +55,12 @@ REGISTRATION_SETTINGS: dict[str, dict[str, dict]] = {
         },
         "syn": {
             "metric": "CC", "param": 4, "step": 0.1, "update_sigma": 3.0, "total_sigma": 0.0,
+            "iterations": (100, 70, 50, 20), "shrink": (8, 4, 2, 1), "smooth": (3, 2, 1, 0),
+        },
+        # brain extraction: CC radius 2 instead of 4 took its SyN on the 2 mm copy of a 1 mm
+        # T1w from 583 to 189 s, and brain-mask Dice vs simulated truth from 0.982 to 0.987
+        "syn_brain": {
+            "metric": "CC", "param": 2, "step": 0.1, "update_sigma": 3.0, "total_sigma": 0.0,
             "iterations": (100, 70, 50, 20), "shrink": (8, 4, 2, 1), "smooth": (3, 2, 1, 0),
         },
         # within-subject SyN: same contrast after differential bias correction, so mean
@@ -109,8 +120,12 @@ def get_settings(settings: str | dict) -> dict:
 
 @contextlib.contextmanager
 def ants_threads(n_threads: int | None) -> Iterator[None]:
-    """Set ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` for the duration of the block."""
-    key = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+    """Set ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` for the duration of the block.
+
+    Takes effect only if the block holds the process's first ITK call (see
+    :data:`ITK_THREADS`); the app sets the variable before its workers start.
+    """
+    key = ITK_THREADS
     old = os.environ.get(key)
     if n_threads is not None:
         os.environ[key] = str(int(n_threads))
