@@ -185,7 +185,8 @@ def init_func_wf(
             to_mni = pe.Node(ResampleToTemplate(num_threads=omp_nthreads), name=f"to_mni_{rkey}")
             to_mni.n_procs, to_mni._mem_gb = omp_nthreads, 2.0
             conf = pe.Node(BoldConfounds(), name=f"confounds_{rkey}")
-            conf.n_procs, conf._mem_gb = 1, 3.0
+            # measured 3.27-3.29 GB peak for the same 0.89 GB BOLD
+            conf.n_procs, conf._mem_gb = 1, 0.5 + 3.2 * float32_gb(run.path)
             workflow.connect([
                 (realign, coreg, [("boldref", "boldref")]),
                 (inputnode, coreg, [("t1w_preproc", "t1w"), ("brain_mask", "t1w_mask")]),
