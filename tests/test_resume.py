@@ -105,9 +105,14 @@ def _outputs(out: Path) -> dict[str, bytes]:
 
 
 def _node_outputs(out: Path) -> dict[str, tuple[int, int]]:
-    """Outputs written by workflow nodes (under ``sub-*``): path -> (inode, mtime in ns)."""
+    """Outputs written by workflow nodes (under ``sub-*``): path -> (inode, mtime in ns).
+
+    A writer's temporary (``.<name>.pid<pid>@<host>.<random>.tmp``) caught by a kill is not
+    an output: the next start removes it, and the final comparison checks none is left.
+    """
     return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in out.glob("sub-*/**/*") if p.is_file()}
+            for p in out.glob("sub-*/**/*")
+            if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp"))}
 
 
 # --------------------------------------------------------------------------- the test
