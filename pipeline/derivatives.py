@@ -8,6 +8,7 @@ file under its final name, and concurrent runs never see one either.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -134,6 +135,13 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
 #: Temporary files older than this are orphans of a killed run (live writes take seconds).
 STALE_TEMPORARY_SECONDS = 3600.0
 _OWNER_RE = re.compile(r"\.pid(\d+)@([A-Za-z0-9-]+)\.")
+#: Names of this module's temporaries: ``.<name>.pid<N>@<host>.<random>.tmp*``.
+TEMPORARY_GLOB = ".*.tmp*"
+
+
+def is_temporary(path: str | Path) -> bool:
+    """Whether ``path`` is named like a temporary this module writes before renaming."""
+    return fnmatch.fnmatchcase(Path(path).name, TEMPORARY_GLOB)
 
 
 def _host() -> str:
@@ -174,7 +182,7 @@ def remove_stale_temporaries(
 
     limit, host = time.time() - older_than, _host()
     removed = []
-    for path in sorted(Path(root).rglob(".*.tmp*")):
+    for path in sorted(Path(root).rglob(TEMPORARY_GLOB)):
         owner = _OWNER_RE.search(path.name)
         with contextlib.suppress(FileNotFoundError):  # another run may clean up too
             if not path.is_file():

@@ -25,6 +25,8 @@ import pytest
 from bids_builder import SessionSpec, build_bids
 from resume_launcher import EXEC_LOG_VARIABLE, fake_node_count
 
+from pipeline.derivatives import is_temporary
+
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, uses killpg"),
@@ -107,12 +109,11 @@ def _outputs(out: Path) -> dict[str, bytes]:
 def _node_outputs(out: Path) -> dict[str, tuple[int, int]]:
     """Outputs written by workflow nodes (under ``sub-*``): path -> (inode, mtime in ns).
 
-    A writer's temporary (``.<name>.pid<pid>@<host>.<random>.tmp``) caught by a kill is not
-    an output: the next start removes it, and the final comparison checks none is left.
+    A writer's temporary caught by a kill is not an output: the next start removes it, and
+    the final comparison checks none is left.
     """
     return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in out.glob("sub-*/**/*")
-            if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp"))}
+            for p in out.glob("sub-*/**/*") if p.is_file() and not is_temporary(p)}
 
 
 # --------------------------------------------------------------------------- the test

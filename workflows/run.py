@@ -16,6 +16,8 @@ from nipype.pipeline import engine as pe
 from nipype.pipeline.plugins.multiproc import MultiProcPlugin
 from threadpoolctl import threadpool_limits
 
+from pipeline.registration import ITK_THREADS
+
 LOGGER = logging.getLogger("trajectome")
 _SUBJECT = re.compile(r"(?:^|\.)sub_([0-9A-Za-z]+)_wf")
 _SESSION = re.compile(r"[._]ses_([0-9A-Za-z]+)(?=$|[._])")
@@ -170,7 +172,7 @@ def run_workflow(
     if registration_nthreads:
         # ITK reads this once, when a process first uses it: later changes are ignored,
         # so it must be set before any worker starts (multithreaded ANTs is not reproducible)
-        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(registration_nthreads)
+        os.environ[ITK_THREADS] = str(registration_nthreads)
     quiet_nipype()
     workflow.base_dir = str(work_dir)
     workflow.config["execution"].update(
