@@ -27,6 +27,7 @@ from pathlib import Path
 
 import nibabel as nb
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,8 +45,8 @@ MODES = ("ideal", "noise", "bias", "head", "all")
 PATIENT_GROUP = 1  # the simulator's key of the patient group
 
 
-def render(seed: int, index: int, res: float, mode: str, out: Path) -> dict[str, float]:
-    """Write pre/post brain, mask and true labels under ``out``; return true volumes."""
+def render(seed: int, index: int, res: float, mode: str, out: Path) -> dict[str, pd.DataFrame]:
+    """Write pre/post brain, mask and true labels under ``out``; return true parcel volumes."""
     model = load_mni_model(1 if res < 1.5 else 2)
     table = model.table
     hipp = table.loc[table["anatomy"] == "hippocampus", ["x", "y", "z"]].to_numpy()
@@ -73,10 +74,13 @@ def render(seed: int, index: int, res: float, mode: str, out: Path) -> dict[str,
         nb.save(nb.Nifti1Image(brain.astype(np.uint8), grid.affine), d / "mask.nii.gz")
         nb.save(nb.Nifti1Image(labels.reshape(grid.shape).astype(np.int16), grid.affine),
                 d / "labels.nii.gz")
-        volumes, totals = sim_anat.planted_volumes(model, warp, scale)
-        truth[name] = volumes.set_index("index")["volume_mm3"]
-        truth[f"{name}_hipp"] = totals["left_hippocampus"] + totals["right_hippocampus"]
+        truth[name], _ = sim_anat.planted_volumes(model, warp, scale)
     return truth
+
+
+def _hippocampus(volumes: pd.DataFrame, table: pd.DataFrame) -> float:
+    summary = anat.structure_volumes(volumes, table)
+    return summary["hippocampus_L"] + summary["hippocampus_R"]
 
 
 def score_mode(out: Path, truth: dict, settings: str, threads: int) -> dict[str, float]:
@@ -89,16 +93,15 @@ def score_mode(out: Path, truth: dict, settings: str, threads: int) -> dict[str,
     labels = reg.apply_transform(nb.load(dirs[0] / "labels.nii.gz"), tpl.transforms[0],
                                  tpl.image, interpolation="nearestNeighbor", n_threads=threads)
     table = build_default_atlas(2).table
-    found = [anat.session_jacobian_volumes(labels, tx, table, out / "template",
-                                           n_threads=threads).set_index("index")["volume_mm3"]
+    found = [anat.session_jacobian_volumes(labels, tx, table, out / "template", n_threads=threads)
              for tx in tpl.transforms]
-    hipp_idx = table.loc[table["anatomy"] == "hippocampus", "index"].to_numpy()
-    planted = 100 * (truth["post_hipp"] / truth["pre_hipp"] - 1)
-    measured = 100 * (found[1][hipp_idx].sum() / found[0][hipp_idx].sum() - 1)
-    others = table.loc[~table["anatomy"].isin(["hippocampus"]), "index"].to_numpy()
-    others = others[truth["pre"][others].to_numpy() > 500]
-    error = (100 * (found[1][others] / found[0][others] - 1)
-             - 100 * (truth["post"][others] / truth["pre"][others] - 1))
+    planted = 100 * (_hippocampus(truth["post"], table) / _hippocampus(truth["pre"], table) - 1)
+    measured = 100 * (_hippocampus(found[1], table) / _hippocampus(found[0], table) - 1)
+    true_pre, true_post, pre, post = (v.set_index("index")["volume_mm3"] for v in (
+        truth["pre"], truth["post"], found[0], found[1]))
+    others = table.loc[table["anatomy"] != "hippocampus", "index"].to_numpy()
+    others = others[true_pre[others].to_numpy() > 500]
+    error = 100 * (post[others] / pre[others] - true_post[others] / true_pre[others])
     return {"planted_pct": planted, "measured_pct": measured, "recovered": measured / planted,
             "parcel_error_sd_pct": float(error.std()), "n_parcels": len(others)}
 

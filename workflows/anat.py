@@ -109,11 +109,12 @@ def init_anat_wf(
     }
     names = [_session_key(s) for s in sessions]
 
+    t1w_gbs = [float32_gb(session.t1w[0]) for session in sessions]
     preproc = {}
-    for session, key in zip(sessions, names, strict=True):
+    for session, key, gb in zip(sessions, names, t1w_gbs, strict=True):
         node = pe.Node(PreprocessT1w(in_file=str(session.t1w[0]), **common), name=f"preproc_{key}")
         # measured 0.91-0.93 GB peak for a 1 mm T1w (0.038 GB as float32; bench_subject.py)
-        node.n_procs, node._mem_gb = registration_nthreads, 0.5 + 11 * float32_gb(session.t1w[0])
+        node.n_procs, node._mem_gb = registration_nthreads, 0.5 + 11 * gb
         preproc[key] = node
 
     merge_brains = pe.Node(niu.Merge(len(names)), name="merge_brains")
@@ -127,7 +128,7 @@ def init_anat_wf(
     )
     # measured peaks at 1 mm, 3 sessions (bench_subject.py, sampled from outside: Nipype's
     # monitor misses ANTs calls): template 1.32 GB, session SyN 2.13 GB, to MNI 0.74 GB
-    t1w_gb = max(float32_gb(session.t1w[0]) for session in sessions)
+    t1w_gb = max(t1w_gbs)
     template.n_procs = registration_nthreads
     template._mem_gb = 0.5 + 8 * len(names) * t1w_gb
     for index, key in enumerate(names, start=1):
