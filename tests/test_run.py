@@ -94,3 +94,33 @@ def test_scheduler_starts_the_node_most_others_wait_on(tmp_path):
                         nprocs=1) == []
     order = open(log).read().split()
     assert order.index("b_head") < order.index("a_lone"), order
+
+
+def test_ready_nodes_found_through_csr_equal_nipypes():
+    # the scheduler's per-poll column sum goes through CSR; it must count the same
+    # unfinished dependencies as Nipype's LIL matrix, before and after a node finishes
+    import networkx as nx
+    import numpy as np
+    from nipype.pipeline.plugins.base import _graph_to_lil_matrix
+
+    from workflows.run import ThriftyMultiProc
+
+    rng = np.random.default_rng(0)
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(200))
+    graph.add_edges_from((int(a), int(b)) for a, b in rng.integers(0, 200, (400, 2)) if a < b)
+    plugin = ThriftyMultiProc(plugin_args={"n_procs": 1})
+    plugin._generate_dependency_list(graph)
+    plugin.mapnodesubids = {}  # as Nipype's run() sets it
+    reference = _graph_to_lil_matrix(graph, nodelist=plugin.procs)
+    assert np.array_equal(np.asarray(plugin.depidx.sum(axis=0)),
+                          np.asarray(reference.sum(axis=0)))
+    first_ready = int(np.flatnonzero(np.asarray(reference.sum(axis=0)).ravel() == 0)[0])
+    plugin.proc_done[first_ready] = True
+    plugin._task_finished_cb(first_ready)
+    reference[first_ready, :] = 0
+    assert np.array_equal(np.asarray(plugin.depidx.sum(axis=0)),
+                          np.asarray(reference.sum(axis=0)))
+    assert graph.out_degree(first_ready) > 0
+    assert int(np.asarray(plugin.depidx.sum()).item()) == len(graph.edges) - graph.out_degree(
+        first_ready)

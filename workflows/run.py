@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as ssp
 from nipype.pipeline import engine as pe
 from nipype.pipeline.plugins.multiproc import MultiProcPlugin
 from threadpoolctl import threadpool_limits
@@ -32,6 +33,18 @@ BLAS_VARIABLES = ("MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 MONITOR_INTERVAL_S = 0.5
 
 
+class _ColumnSummingLil(ssp.lil_matrix):
+    """Nipype's dependency matrix, with sums taken through CSR.
+
+    The scheduler sums its columns at every poll (every 0.05 s) to find ready nodes; a LIL
+    sum goes through a Python-level transpose: 14 ms on a 15-subject graph (5,520 nodes),
+    two per poll, ~40 % of a core.  Through CSR: 0.2 ms.  Row edits stay LIL.
+    """
+
+    def sum(self, axis: Any = None, dtype: Any = None, out: Any = None) -> Any:
+        return self.tocsr().sum(axis=axis, dtype=dtype, out=out)
+
+
 class ThriftyMultiProc(MultiProcPlugin):
     """Nipype's MultiProc, without its idle loop's cost and with critical-path-first order.
 
@@ -44,12 +57,16 @@ class ThriftyMultiProc(MultiProcPlugin):
     of graph order: the anatomical chain, which every atlas, BOLD resampling and
     tractography waits for, then starts before the diffusion preprocessing that graph
     order put first (the subject template started 56 min into a realistic run).
+
+    Finding the ready nodes (a column sum of the dependency matrix, every poll) no longer
+    costs a Python-level pass over the matrix (:class:`_ColumnSummingLil`).
     """
 
     def _generate_dependency_list(self, graph: Any) -> None:
         import networkx as nx
 
         super()._generate_dependency_list(graph)
+        self.depidx = _ColumnSummingLil(self.depidx)
         self._waiting_on = np.array([len(nx.descendants(graph, node)) for node in self.procs])
 
     def _sort_jobs(self, jobids: Any, scheduler: str = "tsort") -> Any:
