@@ -421,6 +421,63 @@ def session_jacobian_volumes(
     return jacobian_volumes(labels_in_template, jac, table)
 
 
+#: Fewest parcels for a noise-floor estimate (:func:`jacobian_volume_se`).
+MIN_PARCELS_FOR_SE = 20
+
+
+def jacobian_volume_se(
+    volumes: pd.DataFrame, reference: pd.DataFrame, table: pd.DataFrame
+) -> dict[str, float]:
+    """Measurement error (mm3) of one session's Jacobian volumes, from its registration.
+
+    The parcels are defined on the subject template, so ``reference`` (their template
+    volumes) is what each session's warp rescales.  Across parcels, the log ratio
+    ``e_p = log(V_p / T_p)`` of a session is mostly registration noise, whose relative
+    size falls as ``1 / sqrt(T_p)`` (more voxels average it out).  The noise floor
+    ``k`` is the robust spread (1.4826 x median absolute deviation) of
+    ``(e_p - median(e)) * sqrt(T_p)``, so a few truly changing parcels (a hippocampus
+    after ECT) barely move it, nor does a global rescaling.  Then
+    ``se_p = V_p * k / sqrt(T_p)``; hippocampus and amygdala (sums of parcels) add their
+    parcels' errors in quadrature, i.e. parcel errors are taken as independent.
+
+    Parameters
+    ----------
+    volumes : pandas.DataFrame
+        ``index, volume_mm3`` of the session (:func:`jacobian_volumes`).
+    reference : pandas.DataFrame
+        ``index, volume_mm3`` of the same parcels on the template (:func:`label_volumes`).
+    table : pandas.DataFrame
+        Atlas table; ``anatomy`` and ``hemisphere`` give the structure errors.
+
+    Returns
+    -------
+    dict
+        Parcel name -> se (mm3), and the :data:`STRUCTURES` columns when the table has
+        ``anatomy`` and ``hemisphere``.  Empty when fewer than
+        :data:`MIN_PARCELS_FOR_SE` parcels have a volume on both sides.
+    """
+    merged = volumes[["index", "volume_mm3"]].merge(
+        reference[["index", "volume_mm3"]], on="index", suffixes=("", "_reference"))
+    merged = merged.merge(table[["index", "name"]], on="index")
+    usable = (merged["volume_mm3"] > 0) & (merged["volume_mm3_reference"] > 0)
+    if usable.sum() < MIN_PARCELS_FOR_SE:
+        return {}
+    t = merged.loc[usable, "volume_mm3_reference"].to_numpy(float)
+    e = np.log(merged.loc[usable, "volume_mm3"].to_numpy(float) / t)
+    scaled = np.abs(e - np.median(e)) * np.sqrt(t)
+    k = 1.4826 * float(np.median(scaled))
+    se = merged.loc[usable, "volume_mm3"].to_numpy(float) * k / np.sqrt(t)
+    out = dict(zip(merged.loc[usable, "name"], se, strict=True))
+    if {"anatomy", "hemisphere"} <= set(table.columns):
+        by_index = dict(zip(merged.loc[usable, "index"], se, strict=True))
+        for column, anatomy, hemi in STRUCTURES:
+            parts = table.loc[(table["anatomy"] == anatomy) & (table["hemisphere"] == hemi),
+                              "index"]
+            if len(parts) and all(i in by_index for i in parts):
+                out[column] = float(np.sqrt(sum(by_index[i] ** 2 for i in parts)))
+    return out
+
+
 def structure_volumes(volumes: pd.DataFrame, table: pd.DataFrame) -> dict[str, float]:
     """Sum parcel volumes into left/right hippocampus and amygdala.
 

@@ -621,9 +621,9 @@ CHANGES_SIDECAR: dict[str, dict[str, str]] = {
     "se_pre": {"Description": "Standard error at pre-ECT."},
     "se_post": {"Description": "Standard error at post-ECT."},
     "se_maintenance": {"Description": "Standard error at this maintenance session."},
-    "se_missing": {"Description": "True when a standard error was unknown (e.g. regional "
-                   "volumes): the class is then called from the point estimates and the "
-                   "probabilities are n/a."},
+    "se_missing": {"Description": "True when a standard error was unknown (e.g. consensus "
+                   "modularity, label-count volumes): the class is then called from the "
+                   "point estimates and the probabilities are n/a."},
     "acute_change": {"Description": "a = post - pre."},
     "se_acute": {"Description": "sqrt(se_pre^2 + se_post^2)."},
     "maintenance_change": {"Description": "d = maintenance - post."},

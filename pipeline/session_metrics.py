@@ -9,7 +9,9 @@ against the measurement error of that very metric:
 * SC: bootstrap over streamlines, which for count-based weights is exactly a multinomial
   resampling of the edge counts with probabilities ``count / total`` (volume
   normalisation is a fixed per-edge factor and is re-applied);
-* coupling: both at once.
+* coupling: both at once;
+* Jacobian volumes: the session's registration noise floor
+  (:func:`pipeline.anat.jacobian_volume_se`).
 
 Replicates only recompute the cheap, interpretable summaries (network-pair means, anchored
 connectivity, global/network coupling, node-strength means); consensus-Louvain measures
@@ -149,6 +151,8 @@ def _with_modality(table: pd.DataFrame, modality: str, se: pd.Series | None) -> 
 def volume_rows(volumes: pd.DataFrame) -> pd.DataFrame:
     """Anatomical rows from a ``stat-volume_morph`` table (``region, volume_mm3``).
 
+    ``se`` is the table's ``volume_se_mm3`` when present (Jacobian volumes), else NaN.
+
     Hippocampus/amygdala totals, TICV and tissue volumes get scope ``structure``; atlas
     parcels scope ``region``.
     """
@@ -163,7 +167,8 @@ def volume_rows(volumes: pd.DataFrame) -> pd.DataFrame:
         "network_b": "",
         "node": region,
         "value": volumes["volume_mm3"].astype(float),
-        "se": np.nan,
+        "se": (pd.to_numeric(volumes["volume_se_mm3"], errors="coerce")
+               if "volume_se_mm3" in volumes else np.nan),
     })[list(COLUMNS)]
 
 

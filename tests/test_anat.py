@@ -19,6 +19,7 @@ from pipeline.anat import (
     brain_extraction,
     coarse_copy,
     head_mask,
+    jacobian_volume_se,
     jacobian_volumes,
     label_volumes,
     n4_bias_correction,
@@ -230,6 +231,38 @@ def test_volume_tables_match_counts(rng):
     assert table_out["b"] == pytest.approx(expected[1])
     with pytest.raises(ValueError, match="anatomy"):
         structure_volumes(vols, table.drop(columns="anatomy"))
+
+
+def test_volume_se_recovers_a_planted_noise_floor_despite_changed_parcels(rng):
+    # 300 parcels of 100-900 mm3 whose session/template log ratio is noise of SD
+    # k / sqrt(T); 10 parcels also truly grow by 5 %, and the whole session is 2 % larger
+    n, k = 300, 0.8
+    template = rng.uniform(100, 900, n)
+    log_ratio = 0.02 + rng.standard_normal(n) * k / np.sqrt(template)
+    log_ratio[:10] += np.log(1.05)
+    session = template * np.exp(log_ratio)
+    table = pd.DataFrame({
+        "index": np.arange(1, n + 1), "name": [f"p{i}" for i in range(n)],
+        "anatomy": ["hippocampus", "hippocampus"] + ["cortex"] * (n - 2),
+        "hemisphere": ["L"] * n,
+    })
+    se = jacobian_volume_se(pd.DataFrame({"index": table["index"], "volume_mm3": session}),
+                            pd.DataFrame({"index": table["index"], "volume_mm3": template}),
+                            table)
+    expected = session * k / np.sqrt(template)
+    got = np.array([se[f"p{i}"] for i in range(n)])
+    # the robust spread of 300 draws: within 15 % of the planted noise floor
+    np.testing.assert_allclose(got / expected, got[0] / expected[0], rtol=1e-12)
+    assert got[0] / expected[0] == pytest.approx(1.0, abs=0.15)
+    # a structure made of two parcels: their errors in quadrature
+    assert se["hippocampus_L"] == pytest.approx(np.hypot(got[0], got[1]))
+    assert "amygdala_L" not in se
+
+
+def test_volume_se_needs_enough_parcels():
+    table = pd.DataFrame({"index": [1, 2, 3], "name": ["a", "b", "c"]})
+    vols = pd.DataFrame({"index": [1, 2, 3], "volume_mm3": [100.0, 110.0, 90.0]})
+    assert jacobian_volume_se(vols, vols, table) == {}
 
 
 # --------------------------------------------------------------------------- longitudinal

@@ -70,7 +70,8 @@ def test_session_table_has_every_modality_and_standard_errors(rng):
     counts = np.triu(rng.poisson(30, (10, 10)).astype(float), 1)
     counts += counts.T
     volumes = pd.DataFrame({"region": ["p0", "hippocampus_L", "TICV"],
-                            "volume_mm3": [100.0, 3500.0, 1.5e6]})
+                            "volume_mm3": [100.0, 3500.0, 1.5e6],
+                            "volume_se_mm3": [2.0, 40.0, np.nan]})
     table = sm.session_metric_table(nodes, fc=fc, timeseries=ts, sc=counts / 10,
                                     sc_counts=counts, volumes=volumes, n_boot=20,
                                     n_consensus=5, seed=0)
@@ -82,7 +83,8 @@ def test_session_table_has_every_modality_and_standard_errors(rng):
     glob = table[(table.modality == "coupling") & (table.scope == "global")]
     assert glob.se.notna().all()
     hip = table[(table.modality == "anat") & (table.node == "hippocampus_L")].iloc[0]
-    assert hip.scope == "structure" and hip.value == 3500.0
+    assert hip.scope == "structure" and hip.value == 3500.0 and hip.se == 40.0
+    assert np.isnan(table[(table.modality == "anat") & (table.node == "TICV")].se).all()
     # deterministic
     again = sm.session_metric_table(nodes, fc=fc, timeseries=ts, sc=counts / 10,
                                     sc_counts=counts, volumes=volumes, n_boot=20,

@@ -199,3 +199,45 @@ def test_one_session_subject_template_transforms_stay_a_list(tmp_path):
     split = niu.Split(splits=[1], squeeze=True)
     split.inputs.inlist = outputs.get()["transforms"]
     assert split.run().outputs.out1 == str(path)
+
+
+def test_regional_volumes_write_jacobian_volumes_with_their_error(tmp_path):
+    # a session that is the template scaled by 1.1 per axis: every Jacobian volume is
+    # 1.331 x the template's, so the registration noise floor (and every se) is zero
+    import nibabel as nb
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.registration import Transform, affine_to_ants_file, save_transform
+    from workflows.interfaces.anat import RegionalVolumes
+
+    n = 24
+    labels = np.zeros((24, 20, 20), np.int16)
+    for k in range(n):
+        labels[k, 2:2 + 4 + k % 5, 3:15] = k + 1
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    table = pd.DataFrame({
+        "index": np.arange(1, n + 1), "name": [f"p{k}" for k in range(n)],
+        "network": "N", "anatomy": ["hippocampus"] * 2 + ["cortex"] * (n - 2),
+        "hemisphere": "L",
+    })
+    table.to_csv(tmp_path / "atlas.tsv", sep="\t", index=False)
+    nb.save(nb.Nifti1Image(labels, affine), tmp_path / "labels.nii.gz")
+    nb.save(nb.Nifti1Image((labels > 0).astype(np.uint8), affine), tmp_path / "mask.nii.gz")
+    # fixed (template) point -> moving (session) point: x 1.1
+    mat = affine_to_ants_file(np.diag([1.1, 1.1, 1.1, 1.0]), tmp_path / "scale.mat")
+    save_transform(Transform(((mat, False),), ((mat, True),), "session", "template", (mat,)),
+                   tmp_path / "to_template.json")
+    result = RegionalVolumes(
+        atlas_table=str(tmp_path / "atlas.tsv"), native_labels=str(tmp_path / "labels.nii.gz"),
+        brain_mask=str(tmp_path / "mask.nii.gz"), template_labels=str(tmp_path / "labels.nii.gz"),
+        to_template=str(tmp_path / "to_template.json"),
+    ).run(cwd=str(tmp_path))
+    out = pd.read_csv(result.outputs.out_file, sep="\t").set_index("region")
+    assert (out["method"] == "jacobian").all()
+    parcels = out.loc[table["name"]]
+    np.testing.assert_allclose(parcels["volume_mm3"] / parcels["volume_labelcount_mm3"], 1.331,
+                               rtol=1e-3)
+    np.testing.assert_allclose(parcels["volume_se_mm3"], 0.0, atol=1e-2)
+    assert out.loc["hippocampus_L", "volume_se_mm3"] == pytest.approx(0.0, abs=1e-3)
+    assert np.isnan(out.loc["TICV", "volume_se_mm3"])

@@ -33,6 +33,10 @@ SESSION_OUTPUTS = (
 VOLUME_COLUMNS = {
     "region": "Atlas parcel name, or hippocampus/amygdala per hemisphere, TICV, GM, WM, CSF.",
     "volume_mm3": "Volume in native space (mm3); see 'method'.",
+    "volume_se_mm3": "Measurement error of volume_mm3 (mm3): this session's registration noise "
+    "floor, the robust spread of its parcels' log volume ratios to the template scaled by "
+    "parcel size, summed in quadrature for hippocampus/amygdala (parcel errors taken as "
+    "independent); n/a for label counts, TICV and tissues.",
     "volume_labelcount_mm3": "Volume from counting atlas labels in native space (mm3).",
     "method": "jacobian: Jacobian of the session-to-template warp integrated over parcels "
     "defined on the subject template; labelcount: native label counts.",

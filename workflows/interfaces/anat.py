@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import nibabel as nb
+import numpy as np
 import pandas as pd
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
@@ -289,9 +290,12 @@ class RegionalVolumes(SimpleInterface):
                 n_threads=spec.num_threads,
             )
             main = anat.regional_volumes(jacobian, table, mask, tissues)
+            reference = anat.label_volumes(nb.load(spec.template_labels), table)
+            se = anat.jacobian_volume_se(jacobian, reference, table)
+            main["volume_se_mm3"] = main["region"].map(se).astype(float)
             method = "jacobian"
         else:
-            main, method = by_count, "labelcount"
+            main, method = by_count.assign(volume_se_mm3=np.nan), "labelcount"
         volumes = main.assign(
             volume_labelcount_mm3=by_count["volume_mm3"].to_numpy(), method=method
         )
