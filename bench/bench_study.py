@@ -455,6 +455,75 @@ def score_structure(out: Path, bids: Path, labels: list[str]) -> tuple[pd.DataFr
     return group, detail
 
 
+def score_structure_classes(out: Path, bids: Path, patients: list[str]) -> tuple[pd.DataFrame,
+                                                                                 pd.DataFrame]:
+    """Maintenance class of every node of the structure effects vs the planted class.
+
+    The planted class of a patient applies to all its effects, so the left and the right
+    hippocampus are each scored against it.
+    """
+    rows = []
+    for label in patients:
+        planted = _planted_table(bids, label)
+        changes = _changes(out, label)
+        for effect, (modality, metric, scope, network, nodes) in STRUCTURE_EFFECTS.items():
+            truth = planted[planted["effect"] == effect].iloc[0]
+            for node in nodes:
+                got = changes[(changes["modality"] == modality) & (changes["metric"] == metric)
+                              & (changes["scope"] == scope) & (changes["network"] == network)
+                              & (changes["node"] == node)]
+                if got.empty:
+                    continue
+                got = got.iloc[0]
+                rows.append({
+                    "subject": label, "effect": effect, "node": node or network,
+                    "planted_class": truth["maintenance_class"],
+                    "called": got["maintenance_class"],
+                    "correct": got["maintenance_class"] == truth["maintenance_class"],
+                    "planted_ratio": (truth["maintenance"] - truth["post"])
+                    / (truth["post"] - truth["pre"]),
+                    "measured_ratio": got["maintenance_change"] / got["acute_change"],
+                    "acute_z": got["acute_change"] / got["se_acute"],
+                    "class_probability": got["class_probability"],
+                })
+    detail = pd.DataFrame(rows)
+    if detail.empty:
+        return detail, detail
+    summary = (detail.groupby(["effect", "node"])
+               .agg(n_patients=("correct", "size"), n_correct=("correct", "sum"))
+               .reset_index())
+    summary["fraction"] = summary["n_correct"] / summary["n_patients"]
+    return summary, detail
+
+
+def volume_se_calibration(out: Path, controls: list[str]) -> pd.DataFrame:
+    """Controls' volume changes in units of their stated error (ideally SD 1, mean 0).
+
+    Nothing changes in a control, so ``(post - pre) / se_acute`` (and likewise for the
+    maintenance contrasts) measures how well ``volume_se_mm3`` matches the real
+    session-to-session error, over all parcels and over the four hippocampus/amygdala sums.
+    """
+    rows = []
+    for label in controls:
+        changes = _changes(out, label)
+        vol = changes[(changes["modality"] == "anat") & (changes["metric"] == "volume_mm3")]
+        vol = vol[(vol["scope"] == "region") | vol["node"].str.match(r"(hippocampus|amygdala)_")]
+        for contrast, change, se in (("post_vs_pre", "acute_change", "se_acute"),
+                                     ("maintenance_vs_post", "maintenance_change",
+                                      "se_maintenance_change")):
+            z = (vol[change] / vol[se]).replace([np.inf, -np.inf], np.nan)
+            for kind, mask in (("parcels", vol["scope"] == "region"),
+                               ("hippocampus/amygdala", vol["scope"] == "structure")):
+                rows += [{"contrast": contrast, "nodes": kind, "z": v} for v in z[mask].dropna()]
+    z = pd.DataFrame(rows)
+    if z.empty:
+        return z
+    return (z.groupby(["contrast", "nodes"])["z"]
+            .agg(n="size", mean="mean", sd="std",
+                 within_2=lambda v: float((v.abs() < 2).mean()))
+            .reset_index())
+
+
 def control_summary(lme: pd.DataFrame) -> pd.DataFrame:
     """Control model: modelled metrics and q < 0.05 (p < 0.05) per contrast."""
     ctl = lme[(lme["model"] == "control") & (lme["skipped"] == "")]
@@ -581,6 +650,20 @@ def main(argv: list[str] | None = None) -> int:
                "patient model per contrast, q_control from the control model", group)
         _print("Per subject: planted vs measured post - pre (left + right hippocampus), "
                "maintenance class", per_subject)
+        if not per_subject.empty:
+            hipp = per_subject[(per_subject["effect"] == "hippocampal_volume")
+                               & per_subject["subject"].str.startswith("pat")]
+            print(f"\nhippocampal change recovered (measured / planted post - pre), patients: "
+                  f"mean {hipp['recovered'].mean():.2f}, median {hipp['recovered'].median():.2f}, "
+                  f"range {hipp['recovered'].min():.2f}-{hipp['recovered'].max():.2f}, "
+                  f"right sign {int((hipp['recovered'] > 0).sum())}/{len(hipp)}")
+        node_classes, node_detail = score_structure_classes(out, bids, patients)
+        _print("Maintenance classes of the structure effects, per node (the patient's planted "
+               "class)", node_classes)
+        _print("Per patient and node", node_detail)
+        _print("Volume error calibration in controls: change / its standard error (ideal: "
+               "mean 0, SD 1, 95 % within 2)",
+               volume_se_calibration(out, [s for s in labels if s.startswith("ctl")]))
         for modality in ("anat", "sc", "coupling"):
             ctl = control_summary(read_lme(out, modality))
             if not ctl.empty:
