@@ -46,7 +46,9 @@ CONTRASTS = {
     "maintenance_vs_pre": ("maintenance", "pre"),
 }
 MODELS = ("patient", "control", "patient_minus_control")
-DEFAULT_SCOPES = ("global", "network", "network_pair", "anchor_network", "")
+#: Scopes modelled by default: those followed across sessions (structure = hippocampus,
+#: amygdala, TICV, tissues) and metrics without a scope.
+DEFAULT_SCOPES = ("global", "network", "network_pair", "anchor_network", "structure", "")
 #: Relative size of the subject variance (vs. the residual one) below which a fit is singular.
 SINGULAR_TOL = 1e-6
 

@@ -267,6 +267,10 @@ def test_group_level_cli(out, planted, bids, capsys):
                                             abs=1e-6)
     assert row["estimate"] > 0 and row["q"] < 0.05
     assert row["p"] == post_pre["p"].min()
+    # every followed scope is modelled, the hippocampus (structure) included
+    hippocampus = ("TinyA", "anat", "volume_mm3", "structure", "", "", "hippocampus_L")
+    assert _is(post_pre, hippocampus).sum() == 1
+    assert not _is(post_pre, METRICS[6]).any()  # node level: not modelled
     back = patients[_is(patients, PLANTED) & (patients["contrast"] == "maintenance_vs_post")]
     assert back["estimate"].item() == pytest.approx(
         np.mean(wide["maint"]) - np.mean(wide["post"]), abs=1e-6)
