@@ -14,6 +14,17 @@ Two regional measures, each one value per region:
   Regions not reachable on SC are left out of the fit; at least
   :data:`MIN_OBSERVATIONS_MULTILINEAR` observations are needed, otherwise NaN.
 
+And one edge-wise measure per network:
+
+* **Within-network coupling**: Spearman correlation between SC and FC over the edges
+  inside a network that are structurally connected (``SC[i, j] > 0``, ``i < j``, both
+  in the network); the whole-brain value uses every structurally connected edge.  The
+  regional measures above correlate a region's profile over the whole brain, so a
+  change confined to one network's edges (e.g. stronger DMN coupling) is diluted there;
+  this is the edge-wise coupling of Honey et al. (2009, PNAS) restricted to a network,
+  with Baum's rank and non-zero-edge rules.  At least :data:`MIN_EDGES_SPEARMAN` edges
+  are needed, otherwise NaN.
+
 Nodes whose SC or FC row is entirely NaN (parcels without data) are dropped before
 anything is computed; their values are NaN and the others equal those computed on the
 submatrix.
@@ -102,6 +113,45 @@ def regional_coupling(sc: np.ndarray, fc: np.ndarray) -> np.ndarray:
     out = np.full(keep.shape, np.nan)
     out[keep] = values
     return out
+
+
+def within_network_coupling(
+    sc: np.ndarray, fc: np.ndarray, networks: Sequence[str]
+) -> pd.DataFrame:
+    """Edge-wise Spearman SC-FC coupling within each network, and over the whole brain.
+
+    Parameters
+    ----------
+    sc, fc : (n, n) arrays
+        Symmetric structural and functional connectivity.
+    networks : (n,) sequence of str
+        Network label of each node.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``network, value``: one row per network (sorted), then ``network=""``
+        for every structurally connected edge of the brain.  NaN with fewer than
+        :data:`MIN_EDGES_SPEARMAN` connected edges or constant SC or FC over them.
+    """
+    S, F, keep = _pair(sc, fc)
+    labels = np.asarray(networks).astype(str)
+    if labels.shape != (len(S),):
+        raise ValueError("need one network label per node.")
+    S = _structural(S[np.ix_(keep, keep)])
+    F = F[np.ix_(keep, keep)]
+    kept = labels[keep]
+    upper = np.triu(np.ones(S.shape, bool), 1) & (S > 0)
+
+    def coupling(edges: np.ndarray) -> float:
+        if edges.sum() < MIN_EDGES_SPEARMAN:
+            return float("nan")
+        return _spearman(S[edges], F[edges])
+
+    rows = [(net, coupling(upper & np.outer(kept == net, kept == net)))
+            for net in sorted(set(labels.tolist()))]
+    rows.append(("", coupling(upper)))
+    return pd.DataFrame(rows, columns=["network", "value"])
 
 
 def euclidean_distance(coords: np.ndarray) -> np.ndarray:
@@ -273,7 +323,9 @@ def coupling_table(
     -------
     pandas.DataFrame
         Columns :data:`pipeline.metrics.TIDY_COLUMNS`; metrics ``sc_fc_spearman`` and
-        ``sc_fc_multilinear_r2adj`` at scopes ``global``, ``network`` and ``node``.
+        ``sc_fc_multilinear_r2adj`` at scopes ``global``, ``network`` and ``node``, and
+        ``sc_fc_within_spearman`` (:func:`within_network_coupling`) at ``global`` and
+        ``network``.
     """
     missing = [c for c in ("name", "network") if c not in nodes.columns]
     if missing:
@@ -300,4 +352,7 @@ def coupling_table(
             (metric, "node", net, "", name, float(v))
             for net, name, v in zip(networks, names, values, strict=True)
         ]
+    within = within_network_coupling(sc, fc, networks)
+    rows += [("sc_fc_within_spearman", "network" if net else "global", net, "", "", value)
+             for net, value in within.itertuples(index=False)]
     return pd.DataFrame(rows, columns=list(TIDY_COLUMNS))

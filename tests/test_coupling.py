@@ -228,6 +228,40 @@ def test_multilinear_nan_nodes_dropped(rng):
 # --------------------------------------------------------------------------- table
 
 
+def test_within_network_coupling_hand_example():
+    # DMN = 0, 2, 4: connected edges (0,2) SC 3 FC .2, (0,4) 7 .5, (2,4) 6 .8
+    #   SC ranks 1,3,2; FC ranks 1,2,3; d^2 = 2 -> rho = 0.5
+    # SAL = 1, 3: SC[1, 3] = 0, no connected edge -> NaN
+    # whole brain, the 8 connected edges (0,1) (0,2) (0,3) (0,4) (1,2) (1,4) (2,3) (2,4):
+    #   SC 5,3,1,7,4,1,2,6 -> ranks 6,4,1.5,8,5,1.5,3,7 (tie at 1: average rank)
+    #   FC .6,.2,.1,.5,.7,-.1,.4,.8 -> ranks 6,3,2,5,7,1,4,8
+    sc_ranks = np.array([6, 4, 1.5, 8, 5, 1.5, 3, 7])
+    fc_ranks = np.array([6, 3, 2, 5, 7, 1, 4, 8])
+    whole = np.corrcoef(sc_ranks, fc_ranks)[0, 1]
+    got = coupling.within_network_coupling(SC5, FC5, ["DMN", "SAL", "DMN", "SAL", "DMN"])
+    assert got["network"].tolist() == ["DMN", "SAL", ""]
+    assert got["value"].iloc[0] == pytest.approx(rho(2, 3)) == 0.5
+    assert np.isnan(got["value"].iloc[1])
+    assert got["value"].iloc[2] == pytest.approx(whole, abs=1e-15)
+
+
+def test_within_network_coupling_sees_a_change_the_regional_measure_dilutes(rng):
+    # FC gains SC-proportional coupling on one network's edges only: the within-network
+    # value of that network rises, the other network's does not move
+    n = 40
+    networks = np.array(["A"] * 10 + ["B"] * 30)
+    sc = np.triu(rng.gamma(1.0, 1.0, (n, n)) * (rng.random((n, n)) < 0.4), 1)
+    sc += sc.T
+    noise = np.triu(rng.normal(0, 0.2, (n, n)), 1)
+    fc = noise + noise.T
+    in_a = np.outer(networks == "A", networks == "A")
+    coupled = fc + 0.2 * in_a * sc
+    before = coupling.within_network_coupling(sc, fc, networks).set_index("network")["value"]
+    after = coupling.within_network_coupling(sc, coupled, networks).set_index("network")["value"]
+    assert after["A"] - before["A"] > 0.3
+    assert after["B"] == before["B"]
+
+
 def test_coupling_table(rng):
     nodes = pd.DataFrame(
         {
@@ -253,6 +287,9 @@ def test_coupling_table(rng):
     # 5 regions give 4 observations each, below the multilinear minimum
     multi = table[table.metric == "sc_fc_multilinear_r2adj"]
     assert len(multi) == 5 + 2 + 1 and multi["value"].isna().all()
+    within = table[table.metric == "sc_fc_within_spearman"].set_index(["scope", "network"])
+    assert len(within) == 2 + 1
+    assert within.loc[("network", "DMN"), "value"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="4 rows but the matrices have 5"):
         coupling.coupling_table(SC5, FC5, None, nodes.iloc[:4])
 
