@@ -14,8 +14,9 @@ What the simulator plants (:mod:`pipeline.simulate.effects`), on the FC side:
 * DMN loading ``w_dmn`` falls by ~0.2 after ECT (mean FC within ``DefaultMode`` drops);
 * the Salience/FrontoParietal shared factor ``rho_se`` rises by ~0.4 (mean FC between
   ``FrontoParietal`` and ``Salience`` rises);
-* the DMN bundle factor ``kappa`` rises (SC-FC coupling; needs DWI, not run here), and the
-  hippocampus grows (needs the anatomy, not run here);
+* the DMN bundle factor ``kappa`` rises (SC-FC coupling within the DMN; with ``--modalities
+  dwi``, scored on ``sc_fc_within_spearman``), and the hippocampus grows (with
+  ``--modalities anat``; left and right hippocampus modelled apart);
 * at maintenance each patient keeps ``1 + f`` of the acute change, ``f`` = -0.7
   (regression), 0 (stabilisation) or +0.5 (continued remodelling), classes dealt in turn;
 * controls: nothing changes.
@@ -388,7 +389,12 @@ def score_classes(out: Path, effects: pd.DataFrame) -> tuple[pd.DataFrame, pd.Da
 STRUCTURE_EFFECTS = {
     "hippocampal_volume": ("anat", "volume_mm3", "structure", "",
                            ("hippocampus_L", "hippocampus_R")),
-    "dmn_sc_fc_coupling": ("coupling", "sc_fc_spearman", "network", "DefaultMode", ("",)),
+    # planted as the SC-FC correlation over DMN edges: the within-network edge-wise coupling
+    # measures that; the regional (Baum) DMN mean dilutes it over whole-brain profiles
+    "dmn_sc_fc_coupling": ("coupling", "sc_fc_within_spearman", "network", "DefaultMode",
+                           ("",)),
+    "dmn_sc_fc_coupling_regional": ("coupling", "sc_fc_spearman", "network", "DefaultMode",
+                                    ("",)),
 }
 
 
@@ -432,7 +438,7 @@ def score_structure(out: Path, bids: Path, labels: list[str]) -> tuple[pd.DataFr
         planted = _planted_table(bids, label)
         changes = _changes(out, label)
         for effect, (modality, metric, scope, network, nodes) in STRUCTURE_EFFECTS.items():
-            truth = planted[planted["effect"] == effect].iloc[0]
+            truth = planted[planted["effect"] == effect.removesuffix("_regional")].iloc[0]
             got = changes[(changes["modality"] == modality) & (changes["metric"] == metric)
                           & (changes["scope"] == scope) & (changes["network"] == network)
                           & changes["node"].isin(nodes)]
@@ -467,7 +473,7 @@ def score_structure_classes(out: Path, bids: Path, patients: list[str]) -> tuple
         planted = _planted_table(bids, label)
         changes = _changes(out, label)
         for effect, (modality, metric, scope, network, nodes) in STRUCTURE_EFFECTS.items():
-            truth = planted[planted["effect"] == effect].iloc[0]
+            truth = planted[planted["effect"] == effect.removesuffix("_regional")].iloc[0]
             for node in nodes:
                 got = changes[(changes["modality"] == modality) & (changes["metric"] == metric)
                               & (changes["scope"] == scope) & (changes["network"] == network)
@@ -646,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
            controls)
     if {"anat", "dwi"} & set(args.modalities):
         group, per_subject = score_structure(out, bids, labels)
-        _print("Hippocampal volume and DMN structure-function coupling (sc_fc_spearman): "
+        _print("Hippocampal volume and DMN structure-function coupling (within-network "
+               "edge-wise and regional Spearman): "
                "patient model per contrast, q_control from the control model", group)
         _print("Per subject: planted vs measured post - pre (left + right hippocampus), "
                "maintenance class", per_subject)
