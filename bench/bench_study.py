@@ -398,6 +398,17 @@ STRUCTURE_EFFECTS = {
 }
 
 
+def _structure_effect(planted: pd.DataFrame, changes: pd.DataFrame, effect: str
+                      ) -> tuple[pd.Series, pd.DataFrame]:
+    """The planted row of a :data:`STRUCTURE_EFFECTS` entry and its measured change rows."""
+    modality, metric, scope, network, nodes = STRUCTURE_EFFECTS[effect]
+    truth = planted[planted["effect"] == effect.removesuffix("_regional")].iloc[0]
+    got = changes[(changes["modality"] == modality) & (changes["metric"] == metric)
+                  & (changes["scope"] == scope) & (changes["network"] == network)
+                  & changes["node"].isin(nodes)]
+    return truth, got
+
+
 def _changes(out: Path, label: str) -> pd.DataFrame:
     path = out / f"sub-{label}" / f"sub-{label}_desc-changes_metrics.tsv"
     changes = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["n/a"],
@@ -437,11 +448,8 @@ def score_structure(out: Path, bids: Path, labels: list[str]) -> tuple[pd.DataFr
     for label in labels:
         planted = _planted_table(bids, label)
         changes = _changes(out, label)
-        for effect, (modality, metric, scope, network, nodes) in STRUCTURE_EFFECTS.items():
-            truth = planted[planted["effect"] == effect.removesuffix("_regional")].iloc[0]
-            got = changes[(changes["modality"] == modality) & (changes["metric"] == metric)
-                          & (changes["scope"] == scope) & (changes["network"] == network)
-                          & changes["node"].isin(nodes)]
+        for effect, (modality, _, _, _, nodes) in STRUCTURE_EFFECTS.items():
+            truth, got = _structure_effect(planted, changes, effect)
             if len(got) != len(nodes):
                 continue
             pre, post = float(got["value_pre"].sum()), float(got["value_post"].sum())
@@ -472,17 +480,11 @@ def score_structure_classes(out: Path, bids: Path, patients: list[str]) -> tuple
     for label in patients:
         planted = _planted_table(bids, label)
         changes = _changes(out, label)
-        for effect, (modality, metric, scope, network, nodes) in STRUCTURE_EFFECTS.items():
-            truth = planted[planted["effect"] == effect.removesuffix("_regional")].iloc[0]
-            for node in nodes:
-                got = changes[(changes["modality"] == modality) & (changes["metric"] == metric)
-                              & (changes["scope"] == scope) & (changes["network"] == network)
-                              & (changes["node"] == node)]
-                if got.empty:
-                    continue
-                got = got.iloc[0]
+        for effect, (_, _, _, network, _) in STRUCTURE_EFFECTS.items():
+            truth, found = _structure_effect(planted, changes, effect)
+            for _, got in found.iterrows():
                 rows.append({
-                    "subject": label, "effect": effect, "node": node or network,
+                    "subject": label, "effect": effect, "node": got["node"] or network,
                     "planted_class": truth["maintenance_class"],
                     "called": got["maintenance_class"],
                     "correct": got["maintenance_class"] == truth["maintenance_class"],
@@ -507,20 +509,20 @@ def volume_se_calibration(out: Path, controls: list[str]) -> pd.DataFrame:
 
     Nothing changes in a control, so ``(post - pre) / se_acute`` (and likewise for the
     maintenance contrasts) measures how well ``volume_se_mm3`` matches the real
-    session-to-session error, over all parcels and over the four hippocampus/amygdala sums.
+    session-to-session error, over the four hippocampus/amygdala sums (the change tables
+    follow structures, not single parcels).
     """
     rows = []
     for label in controls:
         changes = _changes(out, label)
-        vol = changes[(changes["modality"] == "anat") & (changes["metric"] == "volume_mm3")]
-        vol = vol[(vol["scope"] == "region") | vol["node"].str.match(r"(hippocampus|amygdala)_")]
+        vol = changes[(changes["modality"] == "anat") & (changes["metric"] == "volume_mm3")
+                      & changes["node"].str.match(r"(hippocampus|amygdala)_")]
         for contrast, change, se in (("post_vs_pre", "acute_change", "se_acute"),
                                      ("maintenance_vs_post", "maintenance_change",
                                       "se_maintenance_change")):
             z = (vol[change] / vol[se]).replace([np.inf, -np.inf], np.nan)
-            for kind, mask in (("parcels", vol["scope"] == "region"),
-                               ("hippocampus/amygdala", vol["scope"] == "structure")):
-                rows += [{"contrast": contrast, "nodes": kind, "z": v} for v in z[mask].dropna()]
+            rows += [{"contrast": contrast, "nodes": "hippocampus/amygdala", "z": v}
+                     for v in z.dropna()]
     z = pd.DataFrame(rows)
     if z.empty:
         return z

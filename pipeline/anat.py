@@ -459,23 +459,28 @@ def jacobian_volume_se(
     merged = volumes[["index", "volume_mm3"]].merge(
         reference[["index", "volume_mm3"]], on="index", suffixes=("", "_reference"))
     merged = merged.merge(table[["index", "name"]], on="index")
-    usable = (merged["volume_mm3"] > 0) & (merged["volume_mm3_reference"] > 0)
-    if usable.sum() < MIN_PARCELS_FOR_SE:
+    used = merged[(merged["volume_mm3"] > 0) & (merged["volume_mm3_reference"] > 0)]
+    if len(used) < MIN_PARCELS_FOR_SE:
         return {}
-    t = merged.loc[usable, "volume_mm3_reference"].to_numpy(float)
-    e = np.log(merged.loc[usable, "volume_mm3"].to_numpy(float) / t)
-    scaled = np.abs(e - np.median(e)) * np.sqrt(t)
-    k = 1.4826 * float(np.median(scaled))
-    se = merged.loc[usable, "volume_mm3"].to_numpy(float) * k / np.sqrt(t)
-    out = dict(zip(merged.loc[usable, "name"], se, strict=True))
+    v = used["volume_mm3"].to_numpy(float)
+    t = used["volume_mm3_reference"].to_numpy(float)
+    e = np.log(v / t)
+    k = 1.4826 * float(np.median(np.abs(e - np.median(e)) * np.sqrt(t)))
+    se = v * k / np.sqrt(t)
+    out = dict(zip(used["name"], se, strict=True))
     if {"anatomy", "hemisphere"} <= set(table.columns):
-        by_index = dict(zip(merged.loc[usable, "index"], se, strict=True))
-        for column, anatomy, hemi in STRUCTURES:
-            parts = table.loc[(table["anatomy"] == anatomy) & (table["hemisphere"] == hemi),
-                              "index"]
+        by_index = dict(zip(used["index"], se, strict=True))
+        for column, parts in _structure_parcels(table).items():
             if len(parts) and all(i in by_index for i in parts):
                 out[column] = float(np.sqrt(sum(by_index[i] ** 2 for i in parts)))
     return out
+
+
+def _structure_parcels(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Atlas indices making up each of :data:`STRUCTURES` (by ``anatomy`` and ``hemisphere``)."""
+    return {column: table.loc[(table["anatomy"] == anatomy) & (table["hemisphere"] == hemi),
+                              "index"].to_numpy()
+            for column, anatomy, hemi in STRUCTURES}
 
 
 def structure_volumes(volumes: pd.DataFrame, table: pd.DataFrame) -> dict[str, float]:
@@ -490,12 +495,8 @@ def structure_volumes(volumes: pd.DataFrame, table: pd.DataFrame) -> dict[str, f
             f"atlas table lacks {missing}; hippocampus/amygdala volumes need the "
             "'anatomy' and 'hemisphere' columns (as in the default Seitzman300 atlas)."
         )
-    merged = volumes.merge(table[["index", "anatomy", "hemisphere"]], on="index")
-    out = {}
-    for column, anatomy, hemi in STRUCTURES:
-        rows = merged[(merged["anatomy"] == anatomy) & (merged["hemisphere"] == hemi)]
-        out[column] = float(rows["volume_mm3"].sum())
-    return out
+    return {column: float(volumes.loc[volumes["index"].isin(parts), "volume_mm3"].sum())
+            for column, parts in _structure_parcels(table).items()}
 
 
 def tissue_volumes(

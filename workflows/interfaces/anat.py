@@ -282,15 +282,16 @@ class RegionalVolumes(SimpleInterface):
         counts = anat.label_volumes(nb.load(spec.native_labels), table)
         by_count = anat.regional_volumes(counts, table, mask, tissues)
         if isdefined(spec.template_labels) and isdefined(spec.to_template):
+            template_labels = nb.load(spec.template_labels)
             jacobian = anat.session_jacobian_volumes(
-                nb.load(spec.template_labels),
+                template_labels,
                 registration.load_transform(spec.to_template),
                 table,
                 runtime.cwd,
                 n_threads=spec.num_threads,
             )
             main = anat.regional_volumes(jacobian, table, mask, tissues)
-            reference = anat.label_volumes(nb.load(spec.template_labels), table)
+            reference = anat.label_volumes(template_labels, table)
             se = anat.jacobian_volume_se(jacobian, reference, table)
             main["volume_se_mm3"] = main["region"].map(se).astype(float)
             method = "jacobian"
