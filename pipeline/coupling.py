@@ -24,6 +24,13 @@ And one edge-wise measure per network:
   this is the edge-wise coupling of Honey et al. (2009, PNAS) restricted to a network,
   with Baum's rank and non-zero-edge rules.  At least :data:`MIN_EDGES_SPEARMAN` edges
   are needed, otherwise NaN.
+* **Within-network all-pairs coupling**: Pearson correlation between SC weights and FC
+  over every pair of a network's nodes, unconnected pairs entering with ``SC = 0`` (the
+  all-pairs SC-FC correlation of Honey et al. 2009).  Where the rank measure asks whether
+  stronger connections have stronger FC, this one also asks whether connected pairs have
+  stronger FC than unconnected ones, and it does not depend on which weak edges
+  tractography happens to reach in a session.  NaN when SC or FC is constant over the
+  pairs or there are fewer than :data:`MIN_EDGES_SPEARMAN` pairs.
 
 Nodes whose SC or FC row is entirely NaN (parcels without data) are dropped before
 anything is computed; their values are NaN and the others equal those computed on the
@@ -134,6 +141,38 @@ def within_network_coupling(
         for every structurally connected edge of the brain.  NaN with fewer than
         :data:`MIN_EDGES_SPEARMAN` connected edges or constant SC or FC over them.
     """
+    return _per_network(sc, fc, networks, connected_only=True, correlate=_spearman)
+
+
+def within_network_coupling_all_pairs(
+    sc: np.ndarray, fc: np.ndarray, networks: Sequence[str]
+) -> pd.DataFrame:
+    """Pearson SC-FC correlation over all node pairs within each network and the brain.
+
+    Parameters
+    ----------
+    sc, fc : (n, n) arrays
+        Symmetric structural and functional connectivity.
+    networks : (n,) sequence of str
+        Network label of each node.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``network, value``: one row per network (sorted), then ``network=""``
+        over every pair of the brain.  Unconnected pairs count with ``SC = 0``; NaN with
+        fewer than :data:`MIN_EDGES_SPEARMAN` pairs or constant SC or FC over them.
+    """
+    return _per_network(sc, fc, networks, connected_only=False, correlate=_pearson)
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    denom = np.sqrt((x @ x) * (y @ y))
+    return float(x @ y / denom) if denom > 0 else float("nan")
+
+
+def _per_network(sc, fc, networks, *, connected_only: bool, correlate) -> pd.DataFrame:
     S, F, keep = _pair(sc, fc)
     labels = np.asarray(networks).astype(str)
     if labels.shape != (len(S),):
@@ -141,12 +180,14 @@ def within_network_coupling(
     S = _structural(S[np.ix_(keep, keep)])
     F = F[np.ix_(keep, keep)]
     kept = labels[keep]
-    upper = np.triu(np.ones(S.shape, bool), 1) & (S > 0)
+    upper = np.triu(np.ones(S.shape, bool), 1)
+    if connected_only:
+        upper &= S > 0
 
     def coupling(edges: np.ndarray) -> float:
         if edges.sum() < MIN_EDGES_SPEARMAN:
             return float("nan")
-        return _spearman(S[edges], F[edges])
+        return correlate(S[edges], F[edges])
 
     rows = [(net, coupling(upper & np.outer(kept == net, kept == net)))
             for net in sorted(set(labels.tolist()))]
@@ -324,8 +365,9 @@ def coupling_table(
     pandas.DataFrame
         Columns :data:`pipeline.metrics.TIDY_COLUMNS`; metrics ``sc_fc_spearman`` and
         ``sc_fc_multilinear_r2adj`` at scopes ``global``, ``network`` and ``node``, and
-        ``sc_fc_within_spearman`` (:func:`within_network_coupling`) at ``global`` and
-        ``network``.
+        ``sc_fc_within_spearman`` (:func:`within_network_coupling`) and
+        ``sc_fc_within_pearson`` (:func:`within_network_coupling_all_pairs`) at ``global``
+        and ``network``.
     """
     missing = [c for c in ("name", "network") if c not in nodes.columns]
     if missing:
@@ -352,7 +394,10 @@ def coupling_table(
             (metric, "node", net, "", name, float(v))
             for net, name, v in zip(networks, names, values, strict=True)
         ]
-    within = within_network_coupling(sc, fc, networks)
-    rows += [("sc_fc_within_spearman", "network" if net else "global", net, "", "", value)
-             for net, value in within.itertuples(index=False)]
+    for metric, within in (
+        ("sc_fc_within_spearman", within_network_coupling(sc, fc, networks)),
+        ("sc_fc_within_pearson", within_network_coupling_all_pairs(sc, fc, networks)),
+    ):
+        rows += [(metric, "network" if net else "global", net, "", "", value)
+                 for net, value in within.itertuples(index=False)]
     return pd.DataFrame(rows, columns=list(TIDY_COLUMNS))

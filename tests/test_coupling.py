@@ -245,7 +245,25 @@ def test_within_network_coupling_hand_example():
     assert got["value"].iloc[2] == pytest.approx(whole, abs=1e-15)
 
 
-def test_within_network_coupling_sees_a_change_the_regional_measure_dilutes(rng):
+def test_within_network_all_pairs_hand_example():
+    # DMN = 0, 2, 4: pairs (0,2) SC 3 FC .2, (0,4) 7 .5, (2,4) 6 .8 (all connected)
+    #   SC - mean = -7/3, 5/3, 2/3; FC - mean = -.3, 0, .3
+    #   r = (.7 + 0 + .2) / sqrt((49 + 25 + 4) / 9 * .18) = .9 / sqrt(1.56)
+    # SAL = 1, 3: one pair -> NaN
+    # whole brain: all 10 pairs, (1,3) and (3,4) with SC 0
+    got = coupling.within_network_coupling_all_pairs(SC5, FC5, ["DMN", "SAL", "DMN", "SAL",
+                                                                 "DMN"])
+    assert got["network"].tolist() == ["DMN", "SAL", ""]
+    assert got["value"].iloc[0] == pytest.approx(0.9 / np.sqrt(1.56), abs=1e-14)
+    assert np.isnan(got["value"].iloc[1])
+    pairs = list(itertools.combinations(range(5), 2))
+    reference = np.corrcoef([SC5[p] for p in pairs], [FC5[p] for p in pairs])[0, 1]
+    assert got["value"].iloc[2] == pytest.approx(reference, abs=1e-14)
+
+
+@pytest.mark.parametrize("measure", [coupling.within_network_coupling,
+                                     coupling.within_network_coupling_all_pairs])
+def test_within_network_coupling_sees_a_change_the_regional_measure_dilutes(rng, measure):
     # FC gains SC-proportional coupling on one network's edges only: the within-network
     # value of that network rises, the other network's does not move
     n = 40
@@ -256,8 +274,8 @@ def test_within_network_coupling_sees_a_change_the_regional_measure_dilutes(rng)
     fc = noise + noise.T
     in_a = np.outer(networks == "A", networks == "A")
     coupled = fc + 0.2 * in_a * sc
-    before = coupling.within_network_coupling(sc, fc, networks).set_index("network")["value"]
-    after = coupling.within_network_coupling(sc, coupled, networks).set_index("network")["value"]
+    before = measure(sc, fc, networks).set_index("network")["value"]
+    after = measure(sc, coupled, networks).set_index("network")["value"]
     assert after["A"] - before["A"] > 0.3
     assert after["B"] == before["B"]
 
@@ -290,6 +308,9 @@ def test_coupling_table(rng):
     within = table[table.metric == "sc_fc_within_spearman"].set_index(["scope", "network"])
     assert len(within) == 2 + 1
     assert within.loc[("network", "DMN"), "value"] == pytest.approx(0.5)
+    pearson = table[table.metric == "sc_fc_within_pearson"].set_index(["scope", "network"])
+    assert len(pearson) == 2 + 1
+    assert pearson.loc[("network", "DMN"), "value"] == pytest.approx(0.9 / np.sqrt(1.56))
     with pytest.raises(ValueError, match="4 rows but the matrices have 5"):
         coupling.coupling_table(SC5, FC5, None, nodes.iloc[:4])
 
