@@ -311,3 +311,35 @@ def test_labels_on_grid_identity() -> None:
     data = rng.integers(0, 5, (7, 8, 9)).astype(np.int16)
     img = nb.Nifti1Image(data, np.diag([-2.0, 2.0, 2.0, 1.0]))
     np.testing.assert_array_equal(labels_on_grid(img, img), data)
+
+
+def test_coupling_follows_the_class_on_the_metric_scale() -> None:
+    # the population DMN SC-FC coupling (the planted metric) moves by the class's fraction
+    # of its acute change, although the metric is concave in the factor loading behind it
+    from pipeline.simulate import bundles as bundles_mod
+    from pipeline.simulate import effects
+    from pipeline.simulate.mni import load_mni_model
+
+    model = load_mni_model(2)
+    rng = np.random.default_rng(3)
+    design = effects.draw_group_design(rng, model.table)
+    bundles = bundles_mod.select_bundles(rng, model, 40)
+    seen = set()
+    for index in range(3):
+        subject = effects.draw_subject_effects(rng, "patient", index, design, len(model.table),
+                                               bundles["strength"].to_numpy())
+        sc = bundles_mod.sc_matrix(bundles, subject.bundle_counts, model.table)
+        calibrated = effects.calibrate_coupling(model.table, design, subject, bundles, sc)
+        c = {role: effects.population_coupling(model.table, design, calibrated,
+                                               calibrated.params(role), bundles, sc)
+             for role in ("pre", "post", "maintenance")}
+        assert c["post"] - c["pre"] == pytest.approx(subject.delta["kappa"], abs=1e-8)
+        factor = effects.MAINTENANCE_FACTORS[subject.maintenance_class]
+        assert c["maintenance"] - c["post"] == pytest.approx(factor * subject.delta["kappa"],
+                                                             abs=1e-8)
+        assert calibrated.params("pre") == subject.params("pre")
+        seen.add(subject.maintenance_class)
+    assert seen == set(effects.CLASSES)
+    control = effects.draw_subject_effects(rng, "control", 0, design, len(model.table),
+                                           bundles["strength"].to_numpy())
+    assert effects.calibrate_coupling(model.table, design, control, bundles, sc) is control

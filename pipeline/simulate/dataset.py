@@ -160,6 +160,8 @@ def _simulate_subject(
     hipp = table.loc[table["anatomy"] == "hippocampus", ["x", "y", "z"]].to_numpy()
     warp = random_subject_warp(_rng(seed, gkey, idx, 1), hipp)
     sc = bundles_mod.sc_matrix(bundles, subj.bundle_counts, table)
+    subj = effects.calibrate_coupling(table, design, subj, bundles, sc,
+                                      tuple(SESSION_ROLES[s] for s in sessions))
     networks = table["network"].to_numpy()
     sub = f"sub-{label}"
     summary: dict[str, dict[str, float]] = {}

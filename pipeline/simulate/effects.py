@@ -6,14 +6,21 @@ fraction ``rho`` of their loading on a common factor (salience-executive couplin
 DMN-DMN bundle adds a factor shared by its two endpoints with loading ``sqrt(kappa * s)``
 (structure-function coupling, ``s`` the bundle's normalised strength).  The population
 correlation is exact; latent series are drawn from the model and band-limited.
+
+The coupling metric (Pearson r between FC and SC over DMN edges) is concave in ``kappa``
+and saturates, so a patient's ``kappa`` is not moved linearly: :func:`calibrate_coupling`
+solves, per session, for the ``kappa`` whose population coupling follows the planted
+trajectory on the metric's own scale (acute change :data:`COUPLING_ACUTE`, then the
+maintenance class's fraction of it), as every other effect does on its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import brentq
 
 DMN, SAL, FPN, VIS = "DefaultMode", "Salience", "FrontoParietal", "Visual"
 #: Fraction of the acute (pre -> post) change added at maintenance, per class.
@@ -21,6 +28,9 @@ MAINTENANCE_FACTORS = {"regression": -0.7, "stabilisation": 0.0, "continued_remo
 CLASSES = tuple(MAINTENANCE_FACTORS)
 #: Hippocampal expansion scale giving about +4 % hippocampal volume (calibrated on the atlas).
 HIPP_SCALE_4PCT = 0.052
+#: Planted acute change of the population DMN SC-FC coupling (Pearson r), before jitter;
+#: small enough that continued remodelling stays below the model's saturation.
+COUPLING_ACUTE = 0.25
 BAND_HZ = (0.01, 0.08)
 
 
@@ -58,13 +68,23 @@ class SubjectEffects:
     delta: dict[str, float]
     jitter: np.ndarray
     bundle_counts: np.ndarray = field(repr=False)
+    #: ``kappa`` per role once :func:`calibrate_coupling` has solved for it.
+    kappa_by_role: dict[str, float] | None = None
 
-    def params(self, role: str) -> dict[str, float]:
-        """Parameters at ``role`` in ``pre``, ``post``, ``maintenance``."""
+    def trajectory_factor(self, role: str) -> float:
+        """Share of the acute change present at ``role`` (0 pre, 1 post, 1 + class factor)."""
         factor = {"pre": 0.0, "post": 1.0}.get(role)
         if factor is None:
             factor = 1.0 + MAINTENANCE_FACTORS.get(self.maintenance_class or "", 0.0)
-        return {k: self.pre[k] + factor * self.delta[k] for k in self.pre}
+        return factor
+
+    def params(self, role: str) -> dict[str, float]:
+        """Parameters at ``role`` in ``pre``, ``post``, ``maintenance``."""
+        factor = self.trajectory_factor(role)
+        out = {k: self.pre[k] + factor * self.delta[k] for k in self.pre}
+        if self.kappa_by_role is not None:
+            out["kappa"] = self.kappa_by_role[role]
+        return out
 
 
 def draw_subject_effects(
@@ -77,8 +97,10 @@ def draw_subject_effects(
     counts = np.maximum(1, np.round(bundle_strength * spread))
     if group == "patient":
         pre = {"w_dmn": 0.58 + rng.normal(0, 0.03), "rho_se": 0.05, "kappa": 0.05, "hipp": 0.0}
+        # delta["kappa"] is the planted change of the population coupling (Pearson r), turned
+        # into kappa values by calibrate_coupling
         delta = {"w_dmn": -0.2 * (1 + rng.normal(0, 0.1)), "rho_se": 0.4 * (1 + rng.normal(0, 0.1)),
-                 "kappa": 0.3 * (1 + rng.normal(0, 0.1)),
+                 "kappa": COUPLING_ACUTE * (1 + rng.normal(0, 0.1)),
                  "hipp": HIPP_SCALE_4PCT * (1 + rng.normal(0, 0.1))}
         klass = CLASSES[(design.class_offset + index) % len(CLASSES)]
     else:
@@ -137,6 +159,59 @@ def factor_model(
     common = np.einsum("ij,jk,ik->i", lam, phi, lam)
     unique = np.maximum(0.15, 1.0 - common)
     return FactorModel(lam, phi, unique)
+
+
+def population_coupling(
+    table: pd.DataFrame, design: GroupDesign, subject: SubjectEffects, params: dict[str, float],
+    bundles: pd.DataFrame, sc: np.ndarray,
+) -> float:
+    """DMN SC-FC coupling (:func:`sc_fc_coupling`) of the session's population FC."""
+    fc = factor_model(table, design, subject, params, bundles).population
+    return sc_fc_coupling(fc, sc, table["network"].to_numpy(), DMN)
+
+
+def calibrate_coupling(
+    table: pd.DataFrame, design: GroupDesign, subject: SubjectEffects, bundles: pd.DataFrame,
+    sc: np.ndarray, roles: tuple[str, ...] = ("pre", "post", "maintenance"),
+) -> SubjectEffects:
+    """``kappa`` per role so the population coupling moves as the subject's trajectory says.
+
+    Target at ``role``: ``c_pre + trajectory_factor(role) * delta["kappa"]`` with ``c_pre``
+    the coupling at ``pre["kappa"]``; each ``kappa`` is found by root-finding below the
+    coupling's maximum (the other parameters at their values for that role).  Subjects
+    without a planted coupling change, or without DMN-DMN bundles, are returned unchanged.
+
+    Raises
+    ------
+    ValueError
+        When a target exceeds the coupling the model can reach.
+    """
+    if subject.delta["kappa"] == 0:
+        return subject
+
+    def coupling(role: str, kappa: float) -> float:
+        params = {k: subject.pre[k] + subject.trajectory_factor(role) * subject.delta[k]
+                  for k in subject.pre}
+        params["kappa"] = kappa
+        return population_coupling(table, design, subject, params, bundles, sc)
+
+    c_pre = coupling("pre", subject.pre["kappa"])
+    if not np.isfinite(c_pre):
+        return subject
+    grid = np.linspace(0.0, 1.0, 41)
+    kappas = {"pre": subject.pre["kappa"]}
+    for role in roles:
+        if role == "pre":
+            continue
+        target = c_pre + subject.trajectory_factor(role) * subject.delta["kappa"]
+        curve = np.array([coupling(role, k) for k in grid])
+        top = int(np.argmax(curve))
+        if not curve[0] <= target <= curve[top]:
+            raise ValueError(f"planted DMN coupling {target:.3f} at {role} is outside what the "
+                             f"FC model reaches ({curve[0]:.3f}-{curve[top]:.3f}).")
+        kappas[role] = float(brentq(lambda k, r=role, t=target: coupling(r, k) - t,
+                                    0.0, grid[top], xtol=1e-10))
+    return replace(subject, kappa_by_role=kappas)
 
 
 def bandlimited(rng: np.random.Generator, n_series: int, n_t: int, tr: float) -> np.ndarray:
