@@ -237,8 +237,11 @@ def _difference_rows(key: tuple, pat: dict, ctl: dict) -> list[dict]:
         ep, sp = pat["contrasts"].get(name, (np.nan, np.nan))
         ec, sc = ctl["contrasts"].get(name, (np.nan, np.nan))
         estimate, se = ep - ec, float(np.hypot(sp, sc))
+        # Welch-Satterthwaite; a fit without residual degrees of freedom gives none
+        df_pat, df_ctl = float(pat["df"]), float(ctl["df"])
         with np.errstate(invalid="ignore", divide="ignore"):
-            df = se**4 / (sp**4 / pat["df"] + sc**4 / ctl["df"])
+            df = (se**4 / (sp**4 / df_pat + sc**4 / df_ctl)
+                  if df_pat > 0 and df_ctl > 0 else np.nan)
         t, p = _t_p(estimate, se, df)
         rows.append({**dict(zip(KEY_COLUMNS, key, strict=True)),
                      "model": "patient_minus_control", "contrast": name, "estimate": estimate,

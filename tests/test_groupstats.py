@@ -173,3 +173,19 @@ def test_class_counts_and_run_group(rng, tmp_path):
     derivatives.write_tsv(bad, table.drop(columns="value"))
     with pytest.raises(L.LongitudinalInputError, match=r"bad\.tsv: missing column"):
         G.collect_long_tables([bad])
+
+
+def test_difference_without_residual_degrees_of_freedom_is_nan(rng):
+    # a metric often NaN: 5 controls with 6 values (one with both sessions, two pre-only,
+    # two post-only), so their fit has n_obs - n_subjects - 1 = 0 degrees of freedom; the
+    # patient - control difference then has no t test instead of stopping the group level
+    data = cohort(rng, 8, 5, {"sparse": {"post": 1.0}}, roles=ROLES[:2])
+    controls = sorted(data.loc[data["group"] == "control", "subject"].unique())
+    gone = ((data["subject"].isin(controls[1:3]) & (data["role"] == "post"))
+            | (data["subject"].isin(controls[3:]) & (data["role"] == "pre")))
+    data = data[~gone]
+    table = G.lme_table(data).set_index(["model", "contrast"])
+    assert table.loc[("control", "post_vs_pre"), "df"] == 0
+    diff = table.loc[("patient_minus_control", "post_vs_pre")]
+    assert np.isnan(diff["df"]) and np.isnan(diff["p"])
+    assert table.loc[("patient", "post_vs_pre"), "p"] < 0.01
