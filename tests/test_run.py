@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
@@ -124,3 +125,26 @@ def test_ready_nodes_found_through_csr_equal_nipypes():
     assert graph.out_degree(first_ready) > 0
     assert int(np.asarray(plugin.depidx.sum()).item()) == len(graph.edges) - graph.out_degree(
         first_ready)
+
+
+def test_scheduler_collects_only_the_young_generation_during_a_run(monkeypatch):
+    # MultiProc calls gc.collect() after every node it settles; during a run that call
+    # collects generation 0 only, and the module's gc is back to normal afterwards
+    import gc
+
+    from nipype.pipeline.plugins import multiproc
+
+    from workflows.run import ThriftyMultiProc
+
+    generations = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: generations.append(generation))
+
+    def fake_run(self, graph, config, updatehash=False):
+        multiproc.gc.collect()
+        raise RuntimeError("node crashed")
+
+    monkeypatch.setattr(multiproc.MultiProcPlugin, "run", fake_run)
+    with pytest.raises(RuntimeError, match="node crashed"):
+        ThriftyMultiProc(plugin_args={"n_procs": 1}).run(None, {})
+    assert generations == [0]
+    assert multiproc.gc is gc

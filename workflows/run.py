@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import scipy.sparse as ssp
 from nipype.pipeline import engine as pe
+from nipype.pipeline.plugins import multiproc
 from nipype.pipeline.plugins.multiproc import MultiProcPlugin
 from threadpoolctl import threadpool_limits
 
@@ -45,6 +49,17 @@ class _ColumnSummingLil(ssp.lil_matrix):
         return self.tocsr().sum(axis=axis, dtype=dtype, out=out)
 
 
+@contextlib.contextmanager
+def _young_generation_collections() -> Iterator[None]:
+    """Make the MultiProc module's ``gc.collect()`` collect generation 0 only."""
+    full = multiproc.gc
+    multiproc.gc = SimpleNamespace(collect=lambda generation=0: gc.collect(0))
+    try:
+        yield
+    finally:
+        multiproc.gc = full
+
+
 class ThriftyMultiProc(MultiProcPlugin):
     """Nipype's MultiProc, without its idle loop's cost and with critical-path-first order.
 
@@ -60,7 +75,20 @@ class ThriftyMultiProc(MultiProcPlugin):
 
     Finding the ready nodes (a column sum of the dependency matrix, every poll) no longer
     costs a Python-level pass over the matrix (:class:`_ColumnSummingLil`).
+
+    MultiProc also runs a full ``gc.collect()`` after every node it settles in the main
+    process (cached nodes, sinks) and before every submission pass.  Each walked every
+    object the run holds (the graph, and the inputs and results loaded into its nodes): on
+    the 15-subject study's resumed run 93-97 % of the scheduler's samples were in those
+    calls and the two workers sat at ~12 %.  During the run those calls collect the
+    youngest generation only, where a settled node's debris is; the interpreter's own
+    thresholds still trigger the older generations' collections.  A resumed run with
+    nothing to redo (3,465 nodes): graph part 18.5 min -> 2.3 min, same peak memory.
     """
+
+    def run(self, graph: Any, config: Any, updatehash: bool = False) -> Any:
+        with _young_generation_collections():
+            return super().run(graph, config, updatehash=updatehash)
 
     def _generate_dependency_list(self, graph: Any) -> None:
         import networkx as nx
