@@ -14,9 +14,10 @@ What the simulator plants (:mod:`pipeline.simulate.effects`), on the FC side:
 * DMN loading ``w_dmn`` falls by ~0.2 after ECT (mean FC within ``DefaultMode`` drops);
 * the Salience/FrontoParietal shared factor ``rho_se`` rises by ~0.4 (mean FC between
   ``FrontoParietal`` and ``Salience`` rises);
-* the DMN bundle factor ``kappa`` rises (SC-FC coupling within the DMN; with ``--modalities
-  dwi``, scored on ``sc_fc_within_spearman``), and the hippocampus grows (with
-  ``--modalities anat``; left and right hippocampus modelled apart);
+* the DMN bundle factor ``kappa`` rises (SC-FC coupling within the DMN, planted on the
+  scale of the Pearson correlation over DMN pairs; with ``--modalities dwi``, scored on
+  ``sc_fc_within_pearson``), and the hippocampus grows (with ``--modalities anat``; left
+  and right hippocampus modelled apart);
 * at maintenance each patient keeps ``1 + f`` of the acute change, ``f`` = -0.7
   (regression), 0 (stabilisation) or +0.5 (continued remodelling), classes dealt in turn;
 * controls: nothing changes.
@@ -389,20 +390,28 @@ def score_classes(out: Path, effects: pd.DataFrame) -> tuple[pd.DataFrame, pd.Da
 STRUCTURE_EFFECTS = {
     "hippocampal_volume": ("anat", "volume_mm3", "structure", "",
                            ("hippocampus_L", "hippocampus_R")),
-    # planted as the SC-FC correlation over DMN edges: the within-network edge-wise coupling
-    # measures that; the regional (Baum) DMN mean dilutes it over whole-brain profiles
-    "dmn_sc_fc_coupling": ("coupling", "sc_fc_within_spearman", "network", "DefaultMode",
+    # planted as the Pearson SC-FC correlation over all DMN pairs: the all-pairs within-
+    # network coupling measures that; the rank coupling over connected edges and the
+    # regional (Baum) DMN mean are scored beside it
+    "dmn_sc_fc_coupling": ("coupling", "sc_fc_within_pearson", "network", "DefaultMode",
                            ("",)),
+    "dmn_sc_fc_coupling_rank": ("coupling", "sc_fc_within_spearman", "network", "DefaultMode",
+                                ("",)),
     "dmn_sc_fc_coupling_regional": ("coupling", "sc_fc_spearman", "network", "DefaultMode",
                                     ("",)),
 }
+
+
+def _planted_effect(effect: str) -> str:
+    """The planted effect a :data:`STRUCTURE_EFFECTS` entry measures."""
+    return effect.removesuffix("_regional").removesuffix("_rank")
 
 
 def _structure_effect(planted: pd.DataFrame, changes: pd.DataFrame, effect: str
                       ) -> tuple[pd.Series, pd.DataFrame]:
     """The planted row of a :data:`STRUCTURE_EFFECTS` entry and its measured change rows."""
     modality, metric, scope, network, nodes = STRUCTURE_EFFECTS[effect]
-    truth = planted[planted["effect"] == effect.removesuffix("_regional")].iloc[0]
+    truth = planted[planted["effect"] == _planted_effect(effect)].iloc[0]
     got = changes[(changes["modality"] == modality) & (changes["metric"] == metric)
                   & (changes["scope"] == scope) & (changes["network"] == network)
                   & changes["node"].isin(nodes)]
@@ -483,13 +492,17 @@ def score_structure_classes(out: Path, bids: Path, patients: list[str]) -> tuple
         for effect, (_, _, _, network, _) in STRUCTURE_EFFECTS.items():
             truth, found = _structure_effect(planted, changes, effect)
             for _, got in found.iterrows():
+                planted_ratio = ((truth["maintenance"] - truth["post"])
+                                 / (truth["post"] - truth["pre"]))
+                low, high = RATIO_BINS[truth["maintenance_class"]]
                 rows.append({
                     "subject": label, "effect": effect, "node": got["node"] or network,
                     "planted_class": truth["maintenance_class"],
                     "called": got["maintenance_class"],
                     "correct": got["maintenance_class"] == truth["maintenance_class"],
-                    "planted_ratio": (truth["maintenance"] - truth["post"])
-                    / (truth["post"] - truth["pre"]),
+                    "planted_ratio": planted_ratio,
+                    # the realised truth's own ratio in the class's bin: the ceiling
+                    "planted_in_bin": low <= planted_ratio < high,
                     "measured_ratio": got["maintenance_change"] / got["acute_change"],
                     "acute_z": got["acute_change"] / got["se_acute"],
                     "class_probability": got["class_probability"],
@@ -498,7 +511,8 @@ def score_structure_classes(out: Path, bids: Path, patients: list[str]) -> tuple
     if detail.empty:
         return detail, detail
     summary = (detail.groupby(["effect", "node"])
-               .agg(n_patients=("correct", "size"), n_correct=("correct", "sum"))
+               .agg(n_patients=("correct", "size"), n_correct=("correct", "sum"),
+                    n_planted_in_bin=("planted_in_bin", "sum"))
                .reset_index())
     summary["fraction"] = summary["n_correct"] / summary["n_patients"]
     return summary, detail
