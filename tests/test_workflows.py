@@ -102,8 +102,21 @@ def test_full_graph_feeds_every_connectome_into_the_metrics(subjects, tmp_path):
     assert wf.get_node(coreg[0]).inputs.num_threads == 1
     bib = select_bibtex("\n".join(collect_methods(wf)))
     assert "{qsiprep," not in bib and "{satterthwaite2013," in bib  # raw DWI path, 36P text
-    for key in ("trajectome", "nipype1", "ants", "dipy", "power2012", "ciric2017", "xcpd"):
+    for key in ("trajectome", "nipype1", "ants", "dipy", "power2012", "ciric2017", "xcpd",
+                "rubinov2010", "baum2020", "vazquezrodriguez2019", "honey2009", "kunsch1989"):
         assert f"{{{key}," in bib
+    # the metrics paragraph closes the methods: it describes what the others produced
+    methods = collect_methods(wf)
+    assert methods[-1].startswith("Network measures were computed")
+    assert "consensus over 100 runs" in methods[-1] and "(seed 42)" in methods[-1]
+
+
+def test_methods_without_diffusion_leave_coupling_out():
+    from workflows.base import MetricOptions, metrics_methods
+
+    text = metrics_methods(MetricOptions(graph_density=0.1), ("anat", "func"), seed=7)
+    assert "density of 0.1" in text and "(seed 7)" in text
+    assert "coupling" not in text and "Jacobian" in text
 
 
 def _fake_fmriprep(subjects, root):

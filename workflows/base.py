@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,7 +132,60 @@ def init_trajectome_wf(
             seed=seed,
         )
         workflow.add_nodes([subject_wf])
+    if atlases:
+        opts = options or Options()
+        workflow.__postdesc__ = metrics_methods(opts.metrics, opts.modalities, seed)
     return workflow
+
+
+def metrics_methods(options: MetricOptions, modalities: Sequence[str], seed: int) -> str:
+    """Methods paragraph of the session metrics and the subject-level trajectories."""
+    density = (f"proportionally thresholded to a density of {options.graph_density:g} "
+               if options.graph_density else "kept weighted without a threshold ")
+    text = (
+        "Network measures were computed for every session and atlas with functions that "
+        "reproduce the Brain Connectivity Toolbox [@rubinov2010]: the mean connectivity "
+        "within and between the atlas's networks (signed, on the stored matrices) and "
+        "connectivity of hippocampal, amygdala and subgenual cingulate parcels where the atlas has "
+        "them; graph measures on the positive weights, " + density + "(SC scaled to a "
+        "maximum of 1): node strength, global and local efficiency [@latora2001], the "
+        "weighted clustering coefficient [@onnela2005], modularity from Louvain [@blondel2008] "
+        f"with a consensus over {options.n_consensus} runs [@lancichinetti2012] (seed "
+        f"{seed}), participation coefficient and within-module degree z-score "
+        "[@guimera2005]. "
+    )
+    if {"func", "dwi"} <= set(modalities):
+        text += (
+            "Structure-function coupling was measured per region as the Spearman "
+            "correlation between its SC and FC profiles over its structurally connected "
+            "regions [@baum2020] and as the adjusted R^2 of FC regressed on Euclidean "
+            "distance, shortest-path length and communicability [@vazquezrodriguez2019; "
+            "@estrada2008], and within each network as the SC-FC correlation over its "
+            "structurally connected pairs (Spearman) and over all its pairs (Pearson) "
+            "[@honey2009]. "
+        )
+    if "anat" in modalities:
+        text += "Regional volumes are the Jacobian-integrated parcel volumes described above. "
+    errors = {
+        "func": "a moving-block bootstrap of the parcel time series for FC "
+                f"({options.n_boot} replicates, block length n^(1/3) volumes, at least 5 "
+                "[@kunsch1989])",
+        "dwi": "multinomial resampling of the streamlines for SC",
+        "anat": "the registration noise floor across parcels for volumes",
+    }
+    sources = [errors[m] for m in ("func", "dwi", "anat") if m in modalities]
+    if {"func", "dwi"} <= set(modalities):
+        sources.insert(2, "both of the former for coupling")
+    text += (
+        "Each value carries a within-session standard error, from " + "; ".join(sources)
+        + ". For every subject, each metric's acute change "
+        "(post-ECT - pre-ECT), maintenance change (maintenance - post-ECT) and retention "
+        "were computed, and the maintenance phase was classified as regression toward "
+        "pre-ECT, stabilisation or continued remodelling by the posterior probability that "
+        "the ratio of the true maintenance to acute change lies below -0.25, within "
+        "+/-0.25 or above 0.25, given those standard errors."
+    )
+    return text
 
 
 def session_records(subject: Subject) -> list[dict]:

@@ -14,24 +14,32 @@ from nipype.pipeline import engine as pe
 
 
 class Workflow(pe.Workflow):
-    """``nipype.pipeline.engine.Workflow`` with a ``__desc__`` methods paragraph."""
+    """``nipype.pipeline.engine.Workflow`` with methods paragraphs.
+
+    ``__desc__`` comes before the sub-workflows' paragraphs, ``__postdesc__`` after them
+    (what is computed from their outputs).
+    """
 
     def __init__(self, name: str, base_dir: str | None = None) -> None:
         super().__init__(name, base_dir)
         self.__desc__: str | None = None
+        self.__postdesc__: str | None = None
 
 
 def collect_methods(workflow: pe.Workflow) -> list[str]:
     """Methods paragraphs of ``workflow`` and its sub-workflows, outermost first, once each."""
     texts: list[str] = []
 
+    def add(text: str | None) -> None:
+        if text and text not in texts:
+            texts.append(text)
+
     def visit(wf: pe.Workflow) -> None:
-        desc = getattr(wf, "__desc__", None)
-        if desc and desc not in texts:
-            texts.append(desc)
+        add(getattr(wf, "__desc__", None))
         for node in sorted(wf._graph.nodes(), key=lambda n: n.name):
             if isinstance(node, pe.Workflow):
                 visit(node)
+        add(getattr(wf, "__postdesc__", None))
 
     visit(workflow)
     return texts

@@ -331,7 +331,6 @@ def _methods(strategy: str, fd_threshold: float | None, estimators: Sequence[str
         + (f"Volumes with framewise displacement above {fd} mm were censored. " if fd else "")
         + runs
         + f"Functional connectivity was estimated as {kinds}; matrices are stored as "
-        "correlations (as XCP-D does) and Fisher z-transformed (arctanh) before any "
-        "averaging or statistics. Sessions with less than the required minutes of "
-        "uncensored data were flagged."
+        "correlations (as XCP-D does) and, separately, Fisher z-transformed (arctanh). "
+        "Sessions with less than the required minutes of uncensored data were flagged."
     )
