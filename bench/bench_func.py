@@ -14,8 +14,8 @@ planted spikes (fraction censored), and compares the two workflow paths.  The an
 inputs are the simulator's ground truth (as in ``tests/test_func_workflow.py``)::
 
     python bench/bench_func.py bids_examples/ds-ect --work /tmp/bench_func \\
-        --strategy 8P.yml --sessions sub-pat01/ses-preECT
-    python bench/bench_func.py bids_examples/ds-ect --work /tmp/bench_func --strategy 8P.yml
+        --strategy 8P --sessions sub-pat01/ses-preECT
+    python bench/bench_func.py bids_examples/ds-ect --work /tmp/bench_func --strategy 8P
 
 The work directory is reused: a second call only re-runs what changed.
 """
