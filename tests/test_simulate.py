@@ -316,6 +316,8 @@ def test_labels_on_grid_identity() -> None:
 def test_coupling_follows_the_class_on_the_metric_scale() -> None:
     # the population DMN SC-FC coupling (the planted metric) moves by the class's fraction
     # of its acute change, although the metric is concave in the factor loading behind it
+    from dataclasses import replace
+
     from pipeline.simulate import bundles as bundles_mod
     from pipeline.simulate import effects
     from pipeline.simulate.mni import load_mni_model
@@ -340,6 +342,16 @@ def test_coupling_follows_the_class_on_the_metric_scale() -> None:
         assert calibrated.params("pre") == subject.params("pre")
         seen.add(subject.maintenance_class)
     assert seen == set(effects.CLASSES)
+    # a change beyond the model's reach shrinks to what it can reach, for every role alike
+    greedy = replace(subject, delta={**subject.delta, "kappa": 0.9})
+    capped = effects.calibrate_coupling(model.table, design, greedy, bundles, sc)
+    assert 0 < capped.delta["kappa"] < 0.9
+    c = {role: effects.population_coupling(model.table, design, capped, capped.params(role),
+                                           bundles, sc)
+         for role in ("pre", "post", "maintenance")}
+    assert c["post"] - c["pre"] == pytest.approx(capped.delta["kappa"], abs=1e-8)
+    assert c["maintenance"] - c["post"] == pytest.approx(factor * capped.delta["kappa"],
+                                                         abs=1e-8)
     control = effects.draw_subject_effects(rng, "control", 0, design, len(model.table),
                                            bundles["strength"].to_numpy())
     assert effects.calibrate_coupling(model.table, design, control, bundles, sc) is control
