@@ -177,3 +177,22 @@ def test_unwritable_output_dir(dataset, tmp_path, capsys):
     locked.mkdir(mode=0o500)
     assert _run(dataset, locked / "out") == cli.EXIT_USAGE
     assert "cannot write the outputs (Permission denied)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_subject_results_keep_each_subjects_failure_in_parallel_too(tmp_path, nprocs):
+    # sub-b's session metrics table is unreadable: its trajectories fail, every subject
+    # still gets its report, and the failure is the only one, with its crash file
+    out, crash = tmp_path / "out", tmp_path / "crash"
+    crash.mkdir()
+    for label in "abc":
+        (out / f"sub-{label}").mkdir(parents=True)
+    broken = out / "sub-b" / "ses-1" / "sub-b_ses-1_atlas-X_desc-network_metrics.tsv"
+    broken.parent.mkdir()
+    broken.write_text("not\ta table\n")
+    failures = cli.write_subject_results(out, list("abc"), include_flagged=False,
+                                         crash_dir=crash, nprocs=nprocs)
+    assert [(f.subject, f.node) for f in failures] == [("b", "trajectories")]
+    assert sorted(p.name for p in out.glob("*.html")) == ["sub-a.html", "sub-b.html",
+                                                          "sub-c.html"]
+    assert [p.name for p in crash.iterdir()] == ["crash-sub-b-trajectories.txt"]
