@@ -295,16 +295,38 @@ def write_subject_results(
     # forkserver: the workers must not inherit the finished scheduler's threads
     context = multiprocessing.get_context("forkserver")
     failures: list[Failure] = []
-    with ProcessPoolExecutor(max_workers=min(nprocs, len(todo)), mp_context=context,
-                             initializer=_setup_logging) as pool:
-        futures = [(label, pool.submit(work, label)) for label in todo]
+    with ProcessPoolExecutor(max_workers=min(nprocs, len(todo)), mp_context=context) as pool:
+        futures = [(label, pool.submit(_logged, work, label)) for label in todo]
         for label, future in futures:
             try:
-                failures += future.result()
+                found, messages = future.result()
             except Exception as err:  # the worker itself died (e.g. killed for memory)
                 LOGGER.info("[sub-%s] trajectories/report: FAILED (%s)", label, err)
                 failures.append(Failure(label, None, "report", f"{type(err).__name__}: {err}"))
+                continue
+            for level, message in messages:  # the progress lines go where the parent's go
+                LOGGER.log(level, message)
+            failures += found
     return failures
+
+
+class _Collected(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append((record.levelno, record.getMessage()))
+
+
+def _logged(work: Callable[[str], list[Failure]], label: str
+            ) -> tuple[list[Failure], list[tuple[int, str]]]:
+    """Run ``work(label)`` in a worker, keeping its log lines for the parent to write."""
+    collected = _Collected()
+    LOGGER.handlers[:] = [collected]
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False
+    return work(label), collected.messages
 
 
 def run_participant(config: Config, run_id: str) -> int:
