@@ -86,12 +86,14 @@ def _pair(sc: np.ndarray, fc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return S, F, keep
 
 
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    denom = np.sqrt((x @ x) * (y @ y))
+    return float(x @ y / denom) if denom > 0 else float("nan")
+
+
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    rx, ry = rankdata(x), rankdata(y)  # average ranks for ties
-    rx -= rx.mean()
-    ry -= ry.mean()
-    denom = np.sqrt((rx @ rx) * (ry @ ry))
-    return float(rx @ ry / denom) if denom > 0 else float("nan")
+    return _pearson(rankdata(x), rankdata(y))  # average ranks for ties
 
 
 def regional_coupling(sc: np.ndarray, fc: np.ndarray) -> np.ndarray:
@@ -164,12 +166,6 @@ def within_network_coupling_all_pairs(
         fewer than :data:`MIN_EDGES_SPEARMAN` pairs or constant SC or FC over them.
     """
     return _per_network(sc, fc, networks, connected_only=False, correlate=_pearson)
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = x - x.mean(), y - y.mean()
-    denom = np.sqrt((x @ x) * (y @ y))
-    return float(x @ y / denom) if denom > 0 else float("nan")
 
 
 def _per_network(sc, fc, networks, *, connected_only: bool, correlate) -> pd.DataFrame:
