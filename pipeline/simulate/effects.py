@@ -188,9 +188,7 @@ def calibrate_coupling(
         return subject
 
     def coupling(role: str, kappa: float) -> float:
-        params = {k: subject.pre[k] + subject.trajectory_factor(role) * subject.delta[k]
-                  for k in subject.pre}
-        params["kappa"] = kappa
+        params = {**subject.params(role), "kappa": kappa}
         return population_coupling(table, design, subject, params, bundles, sc)
 
     c_pre = coupling("pre", subject.pre["kappa"])
@@ -201,9 +199,9 @@ def calibrate_coupling(
     curves = {r: np.array([coupling(r, k) for k in grid]) for r in moved}
     delta = subject.delta["kappa"]
     for role in moved:
-        reach = (curves[role].max() - c_pre) / subject.trajectory_factor(role)
-        if c_pre + subject.trajectory_factor(role) * delta > curves[role].max():
-            delta = 0.98 * reach
+        peak, factor = curves[role].max(), subject.trajectory_factor(role)
+        if c_pre + factor * delta > peak:
+            delta = 0.98 * (peak - c_pre) / factor
     kappas = {"pre": subject.pre["kappa"]}
     for role in moved:
         target = c_pre + subject.trajectory_factor(role) * delta
