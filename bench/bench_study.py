@@ -78,6 +78,12 @@ LINEAR_METRICS = ("connectivity", "anchored_connectivity")
 #: (fraction 0.25, as :func:`pipeline.longitudinal.classify_maintenance`).
 RATIO_BINS = {"regression": (-np.inf, -0.25), "stabilisation": (-0.25, 0.25),
               "continued_remodelling": (0.25, np.inf)}
+
+
+def _in_bin(ratio: float, klass: str) -> bool:
+    """Whether a maintenance / acute ratio falls in ``klass``'s bin of :data:`RATIO_BINS`."""
+    low, high = RATIO_BINS[klass]
+    return bool(low <= ratio < high)
 Q = 0.05
 
 
@@ -370,9 +376,8 @@ def score_classes(out: Path, effects: pd.DataFrame) -> tuple[pd.DataFrame, pd.Da
                 "measured_ratio": got["maintenance_change"] / got["acute_change"],
                 "acute_z": got["acute_change"] / got["se_acute"],
                 "maint_z": got["maintenance_change"] / got["se_maintenance_change"],
-                "ratio_in_bin": RATIO_BINS[row.maintenance_class][0]
-                <= got["maintenance_change"] / got["acute_change"]
-                < RATIO_BINS[row.maintenance_class][1],
+                "ratio_in_bin": _in_bin(got["maintenance_change"] / got["acute_change"],
+                                        row.maintenance_class),
                 "class_probability": got["class_probability"],
                 "qc_flag": got["qc_flag"],
             })
@@ -491,10 +496,9 @@ def score_structure_classes(out: Path, bids: Path, patients: list[str]) -> tuple
         changes = _changes(out, label)
         for effect, (_, _, _, network, _) in STRUCTURE_EFFECTS.items():
             truth, found = _structure_effect(planted, changes, effect)
+            planted_ratio = ((truth["maintenance"] - truth["post"])
+                             / (truth["post"] - truth["pre"]))
             for _, got in found.iterrows():
-                planted_ratio = ((truth["maintenance"] - truth["post"])
-                                 / (truth["post"] - truth["pre"]))
-                low, high = RATIO_BINS[truth["maintenance_class"]]
                 rows.append({
                     "subject": label, "effect": effect, "node": got["node"] or network,
                     "planted_class": truth["maintenance_class"],
@@ -502,7 +506,7 @@ def score_structure_classes(out: Path, bids: Path, patients: list[str]) -> tuple
                     "correct": got["maintenance_class"] == truth["maintenance_class"],
                     "planted_ratio": planted_ratio,
                     # the realised truth's own ratio in the class's bin: the ceiling
-                    "planted_in_bin": low <= planted_ratio < high,
+                    "planted_in_bin": _in_bin(planted_ratio, truth["maintenance_class"]),
                     "measured_ratio": got["maintenance_change"] / got["acute_change"],
                     "acute_z": got["acute_change"] / got["se_acute"],
                     "class_probability": got["class_probability"],
@@ -669,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     if {"anat", "dwi"} & set(args.modalities):
         group, per_subject = score_structure(out, bids, labels)
         _print("Hippocampal volume and DMN structure-function coupling (within-network "
-               "edge-wise and regional Spearman): "
+               "all-pairs Pearson and rank, regional Spearman): "
                "patient model per contrast, q_control from the control model", group)
         _print("Per subject: planted vs measured post - pre (left + right hippocampus), "
                "maintenance class", per_subject)
